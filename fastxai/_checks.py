@@ -1,0 +1,51 @@
+"""Input validation shared by every public function: clear errors that name the argument."""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+
+import torch
+from torch import Tensor, nn
+
+_WARNED_TRAINING: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    """Device of the model's first parameter or buffer (``None`` for a parameter-free model)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return None
+
+
+def check_model(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if model.training and model not in _WARNED_TRAINING:
+        _WARNED_TRAINING.add(model)
+        warnings.warn(
+            f"model ({type(model).__name__}) is in training mode: BatchNorm and Dropout act as "
+            "in training and BatchNorm running statistics are updated. fastxai never changes "
+            "the mode; call model.eval() first for the usual explanation",
+            stacklevel=3,
+        )
+
+
+def check_images(model: nn.Module, x: Tensor, name: str = "x") -> None:
+    """``x`` must be a finite floating (N, C, H, W) tensor on the model's device."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have shape (N, C, H, W), got {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating tensor, got {x.dtype}")
+    device = model_device(model)
+    if device is not None and x.device != device:
+        raise ValueError(
+            f"{name} is on {x.device} but the model's parameters are on {device}; "
+            f"move one of them (e.g. {name}.to({str(device)!r}))"
+        )
+    if not torch.compiler.is_compiling() and x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")

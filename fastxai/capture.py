@@ -1,0 +1,340 @@
+"""Activations at a layer and the gradient of the explained score there.
+
+The model is split once at the layer into ``prefix`` (input -> layer output plus every other value
+the rest of the network still needs) and ``suffix`` (layer output -> logits) with :mod:`torch.fx`;
+the split is cached per (model, layer) and rebuilt when the model's module structure or mode
+changes. Gradients come from ``torch.func.vjp(suffix, a)``: no parameter gradients, no ``.grad``
+written, no hooks, no change to the user's model. Models that :mod:`torch.fx` cannot trace fall
+back to a forward hook that lives inside one call and clones what it keeps.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from fastxai.targets import ResolvedTargets, resolve_targets
+
+ReshapeTransform = Callable[[Tensor], Tensor]
+
+
+def split_layer_ref(layer: str) -> tuple[str, int]:
+    """``"name@k"`` -> ``("name", k)``: the k-th call (0-based) of a module called several times."""
+    if "@" in layer:
+        name, _, index = layer.rpartition("@")
+        if not index.isdigit():
+            raise ValueError(f"layer {layer!r}: expected 'name@k' with a call index k >= 0")
+        return name, int(index)
+    return layer, 0
+
+
+def resolve_layer(model: nn.Module, layer: str | nn.Module) -> str:
+    """Return the dotted name (with an optional ``@k`` call index) of ``layer`` inside ``model``."""
+    if isinstance(layer, nn.Module):
+        for name, module in model.named_modules():
+            if module is layer and name:
+                return name
+        raise ValueError(
+            f"layer: the module {type(layer).__name__} is not a submodule of the model"
+        )
+    if not isinstance(layer, str):
+        raise TypeError(f"layer must be a module or a dotted name, got {type(layer).__name__}")
+    name, _ = split_layer_ref(layer)
+    names = [n for n, _ in model.named_modules() if n]
+    if name not in names:
+        import difflib
+
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise ValueError(f"layer {name!r} is not a submodule of the model{hint}")
+    return layer
+
+
+def _structure_signature(model: nn.Module) -> tuple:
+    return tuple((name, id(m), m.training) for name, m in model.named_modules())
+
+
+class _LeafTracer(fx.Tracer):
+    """Traces through every module except the standard leaves and the explained layer."""
+
+    def __init__(self, leaf_name: str) -> None:
+        super().__init__()
+        self.leaf_name = leaf_name
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return module_qualified_name == self.leaf_name or super().is_leaf_module(
+            m, module_qualified_name
+        )
+
+
+def _is_batch_size_node(node: fx.Node) -> bool:
+    """``t.size(0)``: recomputed from the layer output so the suffix runs at any batch size."""
+    if node.op != "call_method" or node.target != "size":
+        return False
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return dim == 0
+
+
+class LayerSplit:
+    """A model cut at one layer: ``prefix(x) -> (a, *carry)`` and ``suffix(a, *carry) -> logits``.
+
+    ``carry`` holds the values computed before the layer that the rest of the network still
+    reads (residual inputs, for example); the suffix treats them as constants, so
+    ``vjp(suffix)`` gives exactly :math:`\\partial y / \\partial A` of the whole network.
+    """
+
+    def __init__(self, model: nn.Module, layer: str) -> None:
+        name, call_index = split_layer_ref(layer)
+        tracer = _LeafTracer(name)
+        graph = tracer.trace(model)
+        calls = [n for n in graph.nodes if n.op == "call_module" and n.target == name]
+        if len(calls) <= call_index:
+            raise ValueError(
+                f"layer {layer!r}: the module is called {len(calls)} time(s) in forward"
+            )
+        cut = calls[call_index]
+        order = {n: i for i, n in enumerate(graph.nodes)}
+
+        downstream: set[fx.Node] = set()
+        frontier = [cut]
+        while frontier:
+            for user in frontier.pop().users:
+                if user not in downstream and user.op != "output":
+                    downstream.add(user)
+                    frontier.append(user)
+        output_node = next(n for n in graph.nodes if n.op == "output")
+        needed_by_suffix = {
+            inp
+            for n in [*downstream, output_node]
+            for inp in n.all_input_nodes
+            if inp not in downstream and inp is not cut
+        }
+        # Attribute fetches and batch-size queries are recomputed in the suffix, not carried.
+        recomputed = {n for n in needed_by_suffix if n.op == "get_attr" or _is_batch_size_node(n)}
+        carried = sorted(needed_by_suffix - recomputed, key=order.__getitem__)
+
+        prefix_graph = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for node in graph.nodes:
+            if node in downstream or node.op == "output":
+                continue
+            env[node] = prefix_graph.node_copy(node, env.__getitem__)
+        prefix_graph.output((env[cut], *[env[n] for n in carried]))
+
+        suffix_graph = fx.Graph()
+        senv: dict[fx.Node, fx.Node] = {cut: suffix_graph.placeholder("activation")}
+        for i, node in enumerate(carried):
+            senv[node] = suffix_graph.placeholder(f"carry_{i}")
+        for node in sorted(recomputed, key=order.__getitem__):
+            if node.op == "get_attr":
+                senv[node] = suffix_graph.node_copy(node, senv.__getitem__)
+            else:
+                senv[node] = suffix_graph.call_method("size", (senv[cut], 0))
+        for node in graph.nodes:
+            if node in downstream or node.op == "output":
+                senv[node] = suffix_graph.node_copy(node, senv.__getitem__)
+
+        root = tracer.root
+        self.layer = layer
+        self.prefix = fx.GraphModule(root, prefix_graph)
+        self._suffix = fx.GraphModule(root, suffix_graph)
+        self.num_carried = len(carried)
+
+    def suffix(self, activation: Tensor, *carry: Any) -> Tensor:
+        """Run the network from the layer on. Inputs are cloned first: torchvision's in-place
+        ReLUs and residual adds would otherwise overwrite the caller's activations."""
+        cloned = [c.clone() if isinstance(c, Tensor) else c for c in carry]
+        return self._suffix(activation.clone(), *cloned)
+
+
+_SPLIT_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[tuple, LayerSplit | None]]]
+_SPLIT_CACHE = weakref.WeakKeyDictionary()
+_SPLIT_LOCK = threading.Lock()
+_WARNED: set[tuple[int, str]] = set()
+
+
+def get_split(model: nn.Module, layer: str) -> LayerSplit | None:
+    """The cached split of ``model`` at ``layer``, or ``None`` if torch.fx cannot trace it."""
+    signature = _structure_signature(model)
+    with _SPLIT_LOCK:
+        per_model = _SPLIT_CACHE.setdefault(model, {})
+        cached = per_model.get(layer)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        try:
+            split: LayerSplit | None = LayerSplit(model, layer)
+        except ValueError as exc:
+            if not isinstance(exc, torch.fx.proxy.TraceError):
+                raise  # our own errors (e.g. a call index out of range)
+            split = _fallback(model, layer, exc)
+        except Exception as exc:  # untraceable control flow: documented hook fallback
+            split = _fallback(model, layer, exc)
+        per_model[layer] = (signature, split)
+        return split
+
+
+def _fallback(model: nn.Module, layer: str, exc: Exception) -> None:
+    """Warn once per (model, layer) that the hook path is used; return no split."""
+    key = (id(model), layer)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(
+            f"torch.fx could not trace the model ({type(exc).__name__}: {exc}); "
+            "fastxai falls back to a temporary forward hook at the layer",
+            stacklevel=4,
+        )
+
+
+@dataclass
+class LayerCapture:
+    """What one layer yields for one batch.
+
+    Attributes:
+        activation: ``(N, C, h, w)`` layer output (after ``reshape_transform``), detached.
+        gradient: ``(N, C, h, w)`` gradient of the summed target scores w.r.t. it, or ``None``.
+        logits: ``(N, K)`` model output.
+        targets: the resolved targets (class indices and/or callables, scores).
+        raw_activation: the layer output before ``reshape_transform``.
+        carry: the other values the suffix reads (empty on the hook path).
+        split: the split used (``None`` on the hook path).
+    """
+
+    activation: Tensor
+    gradient: Tensor | None
+    logits: Tensor
+    targets: ResolvedTargets
+    raw_activation: Tensor
+    carry: tuple
+    split: LayerSplit | None
+
+
+def _apply_transform(t: Tensor, reshape_transform: ReshapeTransform | None, layer: str) -> Tensor:
+    if reshape_transform is not None:
+        t = reshape_transform(t)
+    if not isinstance(t, Tensor) or t.dim() != 4:
+        shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+        raise ValueError(
+            f"layer {layer!r} yields {shape}; CAM methods need (N, C, h, w) feature maps. "
+            "For token outputs (N, 1 + h*w, C) pass reshape_transform to rearrange them"
+        )
+    return t
+
+
+def _check_logits(out: Any) -> Tensor:
+    if not isinstance(out, Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"model must return logits of shape (N, num_classes), got {shape}")
+    return out
+
+
+def capture_layer(
+    model: nn.Module,
+    x: Tensor,
+    layer: str,
+    targets: Any,
+    *,
+    with_gradient: bool,
+    reshape_transform: ReshapeTransform | None = None,
+) -> LayerCapture:
+    """Run ``model`` on ``x`` once, returning the layer's activation and, if asked, its gradient.
+
+    The gradient is :math:`g = \\partial (\\sum_n s_n(f(x)_n)) / \\partial A`, where :math:`s_n`
+    is the
+    target score of image ``n`` (its class logit, or a callable of its output).
+    """
+    split = get_split(model, layer)
+    with torch.no_grad():
+        if split is None:
+            return _capture_with_hook(model, x, layer, targets, with_gradient, reshape_transform)
+        a_raw, *carry = split.prefix(x)
+        if not with_gradient:
+            logits = _check_logits(split.suffix(a_raw, *carry))
+            resolved = resolve_targets(targets, logits)
+            activation = _apply_transform(a_raw, reshape_transform, layer)
+            return LayerCapture(activation, None, logits, resolved, a_raw, tuple(carry), split)
+        # torch.func.vjp differentiates even under the no_grad above (it ignores outer grad
+        # modes), while the prefix and every parameter stay out of any autograd graph.
+        logits, vjp_fn = torch.func.vjp(lambda a: split.suffix(a, *carry), a_raw)
+        logits = _check_logits(logits)
+        resolved = resolve_targets(targets, logits)
+        (g_raw,) = vjp_fn(resolved.cotangent(logits))
+        activation = _apply_transform(a_raw, reshape_transform, layer)
+        gradient = _apply_transform(g_raw, reshape_transform, layer)
+        return LayerCapture(
+            activation.detach(),
+            gradient.detach(),
+            logits.detach(),
+            resolved,
+            a_raw.detach(),
+            tuple(carry),
+            split,
+        )
+
+
+def _capture_with_hook(
+    model: nn.Module,
+    x: Tensor,
+    layer: str,
+    targets: Any,
+    with_gradient: bool,
+    reshape_transform: ReshapeTransform | None,
+) -> LayerCapture:
+    name, call_index = split_layer_ref(layer)
+    module = model.get_submodule(name)
+    seen: list[Tensor] = []
+
+    def keep_output(_module: nn.Module, _inputs: Any, output: Tensor) -> Tensor | None:
+        seen.append(output)
+        if len(seen) - 1 != call_index:
+            return None
+        leaf = output.detach().requires_grad_(with_gradient)
+        seen[-1] = leaf
+        return leaf.clone()  # the network may modify its copy in place; ours stays intact
+
+    handle = module.register_forward_hook(keep_output)
+    try:
+        with torch.set_grad_enabled(with_gradient):
+            logits = _check_logits(model(x))
+    finally:
+        handle.remove()
+    if len(seen) <= call_index:
+        raise ValueError(f"layer {layer!r}: the module is called {len(seen)} time(s) in forward")
+    a_raw = seen[call_index]
+    resolved = resolve_targets(targets, logits.detach())
+    gradient = None
+    if with_gradient:
+        (g_raw,) = torch.autograd.grad(logits, a_raw, resolved.cotangent(logits.detach()))
+        gradient = _apply_transform(g_raw, reshape_transform, layer).detach()
+    activation = _apply_transform(a_raw.detach(), reshape_transform, layer)
+    return LayerCapture(activation, gradient, logits.detach(), resolved, a_raw.detach(), (), None)
+
+
+def capture_layers(
+    model: nn.Module,
+    x: Tensor,
+    layers: Sequence[str],
+    targets: Any,
+    *,
+    with_gradient: bool,
+    reshape_transform: ReshapeTransform | None = None,
+) -> list[LayerCapture]:
+    """:func:`capture_layer` for each layer (one forward and one vector-Jacobian product each)."""
+    return [
+        capture_layer(
+            model,
+            x,
+            layer,
+            targets,
+            with_gradient=with_gradient,
+            reshape_transform=reshape_transform,
+        )
+        for layer in layers
+    ]

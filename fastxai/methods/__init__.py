@@ -1,0 +1,36 @@
+"""The CAM family: each module says only how its method weighs the layer's channels."""
+
+from fastxai.methods.ablation_cam import ablationcam
+from fastxai.methods.class_activation import cam
+from fastxai.methods.eigen_cam import eigencam
+from fastxai.methods.grad_cam import gradcam
+from fastxai.methods.grad_cam_pp import gradcampp
+from fastxai.methods.hires_cam import hirescam
+from fastxai.methods.layer_cam import layercam
+from fastxai.methods.score_cam import scorecam
+from fastxai.methods.xgrad_cam import xgradcam
+
+METHODS = {
+    "cam": cam,
+    "gradcam": gradcam,
+    "gradcampp": gradcampp,
+    "xgradcam": xgradcam,
+    "layercam": layercam,
+    "hirescam": hirescam,
+    "eigencam": eigencam,
+    "ablationcam": ablationcam,
+    "scorecam": scorecam,
+}
+
+__all__ = [
+    "METHODS",
+    "ablationcam",
+    "cam",
+    "eigencam",
+    "gradcam",
+    "gradcampp",
+    "hirescam",
+    "layercam",
+    "scorecam",
+    "xgradcam",
+]

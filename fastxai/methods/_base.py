@@ -1,0 +1,194 @@
+"""The pipeline every CAM method shares: capture -> per-channel contributions -> map -> scale.
+
+A method only says how it weighs the layer's channels: a function from the captured layer to
+``contributions`` of shape ``(N, C, h, w)`` whose channel sum is the raw map (or whose first
+principal component is, with ``eigen_smooth``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from fastxai import ops
+from fastxai._checks import check_images, check_model
+from fastxai.capture import LayerCapture, ReshapeTransform, capture_layers, resolve_layer
+from fastxai.explanation import Explanation
+from fastxai.methods._projection import first_component_projection
+from fastxai.ops import reference
+
+Layer = str | nn.Module
+Fusion = Literal["mean", "tanh"]
+# (capture, model, x, **options) -> (contributions (N, C, h, w), channel weights (N, C) or None)
+ContributionFn = Callable[..., tuple[Tensor, Tensor | None]]
+
+
+def normalise_layers(model: nn.Module, layer: Layer | Sequence[Layer]) -> list[str]:
+    layers = list(layer) if isinstance(layer, (list, tuple)) else [layer]
+    if not layers:
+        raise ValueError("layer: expected a module, a dotted name, or a non-empty list of them")
+    return [resolve_layer(model, item) for item in layers]
+
+
+def fuse_layer_maps(raws: Sequence[Tensor], size: tuple[int, int], fusion: Fusion) -> Tensor:
+    r"""Input-resolution maps in [0, 1] from one raw map per layer.
+
+    ``"mean"`` (pytorch-grad-cam): :math:`\mathrm{mm}(\tfrac1L \sum_l \mathrm{up}(\mathrm{mm}(
+    \mathrm{relu}(r_l))))`. ``"tanh"`` (Layer-CAM paper, Eq. 9): each layer's normalised map
+    :math:`M_l` becomes :math:`\tanh(2 M_l / \max M_l)`, the layers are fused by the element-wise
+    maximum, then min-max scaled.
+    """
+    height, width = size
+    if len(raws) == 1:
+        return ops.scale_maps(raws[0], size)
+    if fusion == "mean":
+        stacked = torch.stack([reference.upsample_normalized(r, height, width) for r in raws], 1)
+        return reference.minmax(stacked.clamp_min(0).mean(1))
+    if fusion == "tanh":
+        per_layer = [ops.scale_maps(r, size) for r in raws]
+        peaks = [m.flatten(1).amax(1).clamp_min(1e-7)[:, None, None] for m in per_layer]
+        scaled = torch.stack([torch.tanh(2 * m / p) for m, p in zip(per_layer, peaks, strict=True)])
+        return reference.minmax(scaled.amax(0))
+    raise ValueError(f"fusion must be 'mean' or 'tanh', got {fusion!r}")
+
+
+def empty_explanation(x: Tensor) -> Explanation:
+    _, _, height, width = x.shape
+    return Explanation(
+        maps=x.new_zeros(
+            (0, height, width), dtype=torch.float32 if x.dtype != torch.float64 else x.dtype
+        ),
+        targets=torch.zeros(0, dtype=torch.long, device=x.device),
+        logits=x.new_zeros((0, 0)),
+        raw=x.new_zeros((0, 0, 0)),
+    )
+
+
+def map_dtype(t: Tensor) -> torch.dtype:
+    """Maps are computed in float32 (float64 when the model runs in float64)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def explain_layers(
+    model: nn.Module,
+    x: Tensor,
+    layer: Layer | Sequence[Layer],
+    targets: Any,
+    contributions: ContributionFn,
+    *,
+    method: str,
+    with_gradient: bool,
+    reshape_transform: ReshapeTransform | None = None,
+    fusion: Fusion = "mean",
+    eigen_smooth: bool = False,
+    tft: bool = False,
+    tft_options: dict[str, Any] | None = None,
+) -> Explanation:
+    """Run a CAM method given by its ``contributions`` function; see :mod:`fastxai.methods`."""
+    check_model(model)
+    layers = normalise_layers(model, layer)
+    check_images(model, x)
+    if fusion not in ("mean", "tanh"):
+        raise ValueError(f"fusion must be 'mean' or 'tanh', got {fusion!r}")
+    if x.shape[0] == 0:
+        return empty_explanation(x)
+    captures = capture_layers(
+        model,
+        x,
+        layers,
+        targets,
+        with_gradient=with_gradient,
+        reshape_transform=reshape_transform,
+    )
+    raws: list[Tensor] = []
+    weights: list[Tensor | None] = []
+    for cap in captures:
+        contrib, channel_weights = contributions(cap, model, x)
+        contrib = contrib.to(map_dtype(contrib))
+        raw = first_component_projection(contrib) if eigen_smooth else contrib.sum(1)
+        raws.append(raw)
+        weights.append(channel_weights)
+    maps = fuse_layer_maps(raws, (x.shape[2], x.shape[3]), fusion)
+    first = captures[0]
+    extras: dict[str, Any] = {"method": method, "layers": layers}
+    if weights[0] is not None:
+        extras["weights"] = weights[0] if len(weights) == 1 else weights
+    if len(raws) > 1:
+        extras["raw_per_layer"] = raws
+    explanation = Explanation(
+        maps=maps, targets=first.targets.classes, logits=first.logits, raw=raws[0], extras=extras
+    )
+    if tft:
+        from fastxai.thresholding import tft_from_explanation
+
+        explanation = tft_from_explanation(model, x, explanation, **(tft_options or {}))
+    return explanation
+
+
+_SHARED_ARGS = """
+    Args:
+        model: the classifier, explained in its current mode and never modified.
+        x: ``(N, C, H, W)`` normalised images on the model's device.
+        layer: a submodule or its dotted name (``"layer4"``, ``"layer3.1.conv2"``,
+            ``"_swish@1"`` for the second call of a module used twice), or a list of them.
+        targets: ``None`` (top-1 per image), an int, one int per image, or callables mapping an
+            image's 1-D output to a scalar (pytorch-grad-cam targets work).
+        tft: apply threshold fine-tuning to the maps (:func:`fastxai.tft`).
+        reshape_transform: turns the layer output into ``(N, C, h, w)`` (e.g. ViT tokens).
+        fusion: how several layers combine: ``"mean"`` (pytorch-grad-cam) or ``"tanh"``.
+        eigen_smooth: replace the channel sum by the first principal component.
+        tft_options: keyword arguments for :func:`fastxai.tft` when ``tft=True``.
+        **method_options: options of this method (documented above), if any.
+
+    Returns:
+        An :class:`~fastxai.Explanation`: ``maps`` ``(N, H, W)`` in [0, 1], ``raw`` ``(N, h, w)``,
+        ``targets``, ``logits``; ``extras["weights"]`` holds the channel weights ``(N, C)`` where
+        the method has them.
+"""
+
+
+def make_cam_method(
+    name: str, contributions: ContributionFn, *, with_gradient: bool, summary: str
+) -> Callable[..., Explanation]:
+    """Build the public function of a CAM method from its ``contributions`` rule.
+
+    Options beyond the shared signature are passed to ``contributions`` as keyword arguments.
+    """
+
+    def explain(
+        model: nn.Module,
+        x: Tensor,
+        layer: Layer | Sequence[Layer],
+        targets: Any = None,
+        *,
+        tft: bool = False,
+        reshape_transform: ReshapeTransform | None = None,
+        fusion: Fusion = "mean",
+        eigen_smooth: bool = False,
+        tft_options: dict[str, Any] | None = None,
+        **method_options: Any,
+    ) -> Explanation:
+        def bound(cap: LayerCapture, m: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | None]:
+            return contributions(cap, m, images, **method_options)
+
+        return explain_layers(
+            model,
+            x,
+            layer,
+            targets,
+            bound,
+            method=name,
+            with_gradient=with_gradient,
+            reshape_transform=reshape_transform,
+            fusion=fusion,
+            eigen_smooth=eigen_smooth,
+            tft=tft,
+            tft_options=tft_options,
+        )
+
+    explain.__name__ = explain.__qualname__ = name
+    explain.__doc__ = summary.rstrip() + "\n" + _SHARED_ARGS
+    return explain

@@ -1,0 +1,115 @@
+"""What each image is explained for: class indices or pytorch-grad-cam style callables."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+TargetCallable = Callable[[Tensor], Tensor]
+Targets = None | int | Sequence[int] | Tensor | TargetCallable | Sequence[TargetCallable]
+
+
+def _as_class_index(target: Any) -> int | None:
+    """pytorch-grad-cam's ``ClassifierOutputTarget(c)`` is exactly class ``c``: the fast path."""
+    if type(target).__name__ == "ClassifierOutputTarget" and isinstance(
+        getattr(target, "category", None), int
+    ):
+        return int(target.category)
+    return None
+
+
+@dataclass
+class ResolvedTargets:
+    """Per-image targets for a batch.
+
+    Attributes:
+        classes: ``(N,)`` long class index per image, ``-1`` where a callable is used.
+        callables: one callable per image (mapping that image's 1-D output to a scalar), or
+            ``None`` when every target is a class index.
+    """
+
+    classes: Tensor
+    callables: list[TargetCallable] | None
+
+    def scores(self, logits: Tensor, image_index: Tensor | None = None) -> Tensor:
+        """Target score of each row of ``logits`` (rows belong to images ``image_index``)."""
+        if image_index is None:
+            image_index = torch.arange(logits.shape[0], device=logits.device)
+        if self.callables is None:
+            return logits.gather(1, self.classes[image_index][:, None])[:, 0]
+        index = image_index.tolist()
+        return torch.stack([self.callables[n](row) for n, row in zip(index, logits, strict=True)])
+
+    def cotangent(self, logits: Tensor) -> Tensor:
+        """:math:`\\partial \\sum_n s_n / \\partial \\text{logits}` (one-hot rows for classes)."""
+        if self.callables is None:
+            onehot = torch.zeros_like(logits)
+            onehot.scatter_(1, self.classes[:, None], 1.0)
+            return onehot
+        out = logits.detach().requires_grad_(True)
+        with torch.enable_grad():
+            total = self.scores(out).sum()
+            (grad,) = torch.autograd.grad(total, out)
+        return grad
+
+
+def resolve_targets(targets: Targets, logits: Tensor) -> ResolvedTargets:
+    """Turn the user's ``targets`` into per-image class indices or callables.
+
+    ``None``: the top-1 class of each image. An int, or a single callable: the same for every
+    image. A sequence or 1-D tensor: one entry per image (its length must equal the batch size;
+    unlike pytorch-grad-cam, a mismatch is an error, not a silent truncation).
+    """
+    n, num_classes = logits.shape
+    device = logits.device
+    if targets is None:
+        return ResolvedTargets(logits.argmax(1), None)
+    if isinstance(targets, Tensor):
+        if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.dim() > 1:
+            raise ValueError(
+                f"targets: expected an integer tensor of shape () or ({n},), "
+                f"got {targets.dtype} of shape {tuple(targets.shape)}"
+            )
+        targets = targets.tolist()
+    if isinstance(targets, int) or callable(targets):
+        targets = [targets] * n
+    if not isinstance(targets, Sequence) or isinstance(targets, str):
+        raise TypeError(
+            f"targets: expected None, an int, a callable or one per image, got {type(targets)}"
+        )
+    if len(targets) != n:
+        raise ValueError(f"targets has {len(targets)} entries for a batch of {n} images")
+    classes: list[int] = []
+    callables: list[TargetCallable] = []
+    for t in targets:
+        index = _as_class_index(t)
+        if index is None and isinstance(t, int) and not isinstance(t, bool):
+            index = int(t)
+        if index is not None:
+            if not 0 <= index < num_classes:
+                raise ValueError(
+                    f"targets: class {index} is outside [0, {num_classes}) for this model"
+                )
+            classes.append(index)
+            callables.append(_ClassTarget(index))
+        elif callable(t):
+            classes.append(-1)
+            callables.append(t)
+        else:
+            raise TypeError(f"targets: entries must be ints or callables, got {type(t).__name__}")
+    class_tensor = torch.tensor(classes, dtype=torch.long, device=device)
+    if all(c >= 0 for c in classes):
+        return ResolvedTargets(class_tensor, None)
+    return ResolvedTargets(class_tensor, callables)
+
+
+class _ClassTarget:
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __call__(self, output: Tensor) -> Tensor:
+        return output[self.index]

@@ -1,0 +1,46 @@
+"""Shared fixtures: random-weight torchvision models (no downloads), randomised BN statistics."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+
+def randomise_batchnorm(model: nn.Module, generator: torch.Generator) -> nn.Module:
+    """Give BatchNorm layers non-trivial running statistics so eval-mode nets are not degenerate."""
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            c = module.num_features
+            module.running_mean.copy_(0.1 * torch.randn(c, generator=generator))
+            module.running_var.copy_(0.5 + torch.rand(c, generator=generator))
+    return model
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_model(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=1000)
+    with torch.no_grad():
+        randomise_batchnorm(model, torch.Generator().manual_seed(1))
+    return model.eval()
+
+
+@pytest.fixture
+def tv_model():
+    """Factory: ``tv_model("resnet18")`` -> a cached eval-mode model with random weights."""
+    return _cached_model
+
+
+@pytest.fixture
+def images():
+    """Factory: ``images(n, size)`` -> normalised-looking random images, fixed seed."""
+
+    def make(n: int = 2, size: int = 64, seed: int = 0) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(n, 3, size, size, generator=g)
+
+    return make
