@@ -20,6 +20,7 @@ from fastxai.methods import (
     xgradcam,
 )
 from fastxai.ops import has_extension
+from fastxai.thresholding import tft
 
 __version__ = "0.1.0"
 
@@ -35,5 +36,6 @@ __all__ = [
     "hirescam",
     "layercam",
     "scorecam",
+    "tft",
     "xgradcam",
 ]
