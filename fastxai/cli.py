@@ -1,0 +1,289 @@
+"""The ``fastxai`` command: ``demo``, ``explain`` and ``bench``.
+
+Bad input (a missing image, an unknown method, model or layer) prints one line on stderr and
+exits with status 2; missing optional packages exit with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+from fastxai.methods import METHODS
+
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import nn
+
+    from fastxai.models import LoadedModel
+
+PROG = "fastxai"
+USAGE_ERROR = 2
+ENVIRONMENT_ERROR = 1
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BENCHMARK_SCRIPT = REPO_ROOT / "benchmarks" / "cam_methods.py"
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one line, exits with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int = USAGE_ERROR) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are a single ``prog: error: ...`` line (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from fastxai.demo import DEMO_METHODS, DEMO_PHOTOS
+    from fastxai.models import EFFICIENTNET_LITE0
+
+    parser = OneLineParser(prog=PROG, description="CAM-family explanations for PyTorch models.")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{demo,explain,bench}", parser_class=OneLineParser
+    )
+
+    demo = commands.add_parser("demo", help="explain EfficientNet-Lite0 on sample photos")
+    demo.add_argument("--out", default="fastxai-demo", help="output folder (default: %(default)s)")
+    demo.add_argument(
+        "--methods",
+        nargs="+",
+        choices=list(METHODS),
+        default=list(DEMO_METHODS),
+        metavar="METHOD",
+        help=f"default: {' '.join(DEMO_METHODS)}",
+    )
+    demo.add_argument(
+        "--photos",
+        nargs="+",
+        default=list(DEMO_PHOTOS),
+        metavar="NAME",
+        help=f"skimage.data photos (default: {' '.join(DEMO_PHOTOS)})",
+    )
+    demo.add_argument(
+        "--per-channel-photos",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run scorecam/ablationcam (one forward per channel) on the first N "
+        "photos only (default: %(default)s)",
+    )
+    demo.add_argument("--quiet", action="store_true", help="print nothing")
+
+    explain = commands.add_parser("explain", help="explain images and write overlay PNGs")
+    explain.add_argument("images", nargs="+", metavar="IMAGE")
+    explain.add_argument(
+        "--method",
+        choices=list(METHODS),
+        default="gradcam",
+        metavar="NAME",
+        help=f"one of {', '.join(METHODS)} (default: %(default)s)",
+    )
+    explain.add_argument(
+        "--out", default="fastxai-out", help="output folder (default: %(default)s)"
+    )
+    explain.add_argument(
+        "--model",
+        default=EFFICIENTNET_LITE0,
+        help=f"{EFFICIENTNET_LITE0} or a torchvision classifier name such as "
+        "resnet18 (default: %(default)s)",
+    )
+    explain.add_argument(
+        "--weights",
+        type=Path,
+        metavar="STATE_DICT.pt",
+        help="state dict for a torchvision model (default: random weights)",
+    )
+    explain.add_argument(
+        "--layer",
+        metavar="DOTTED.NAME",
+        help="layer to explain (default: the model's last convolutional map)",
+    )
+    explain.add_argument(
+        "--target",
+        type=int,
+        metavar="CLASS_INDEX",
+        help="class to explain (default: each image's top-1)",
+    )
+
+    commands.add_parser(
+        "bench", help="run benchmarks/cam_methods.py; every later argument is passed on to it"
+    )
+    return parser
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from fastxai.demo import check_demo_arguments, run_demo
+
+    try:
+        check_demo_arguments(args.methods, args.photos, args.per_channel_photos)
+    except ValueError as exc:
+        raise CliError(f"--{exc}") from exc
+    try:
+        run_demo(
+            args.out,
+            args.methods,
+            args.quiet,
+            photos=args.photos,
+            per_channel_photos=args.per_channel_photos,
+        )
+    except ImportError as exc:
+        raise CliError(str(exc), ENVIRONMENT_ERROR) from exc
+    return 0
+
+
+def _check_model_arguments(name: str, weights: Path | None) -> None:
+    from fastxai.models import EFFICIENTNET_LITE0, unknown_model_message
+
+    if name != EFFICIENTNET_LITE0 and (message := unknown_model_message(name)):
+        raise CliError(f"--model: {message}")
+    if weights is not None and name == EFFICIENTNET_LITE0:
+        raise CliError(f"--weights: {EFFICIENTNET_LITE0} loads its packaged weights")
+    if weights is not None and not weights.is_file():
+        raise CliError(f"--weights: no such file: {weights}")
+
+
+def _load_model_for_cli(name: str, weights: Path | None) -> LoadedModel:
+    from fastxai.models import load_model
+
+    _check_model_arguments(name, weights)
+    try:
+        return load_model(name, weights)
+    except ImportError as exc:
+        raise CliError(str(exc), ENVIRONMENT_ERROR) from exc
+    except Exception as exc:
+        if weights is None:
+            raise
+        # An unreadable state dict or one that does not fit the model: torch's message is long.
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise CliError(f"--weights: cannot load {weights} into {name}: {lines[0]}") from exc
+
+
+def _choose_layer(name: str, model: nn.Module, layer: str | None) -> str:
+    from fastxai.capture import resolve_layer
+    from fastxai.models import default_layer
+
+    chosen = layer or default_layer(name, model)
+    if chosen is None:
+        raise CliError(f"--layer: no default layer for {name}; pass --layer DOTTED.NAME")
+    try:
+        return resolve_layer(model, chosen)
+    except ValueError as exc:
+        raise CliError(f"--layer: {exc}") from exc
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    from fastxai.models import to_rgb_uint8
+
+    try:
+        with Image.open(path) as picture:
+            return to_rgb_uint8(picture)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise CliError(f"IMAGE: cannot read {path} as an image: {exc}") from exc
+
+
+def _check_image_paths(image_paths: Sequence[Path]) -> None:
+    """Every image exists and has its own file stem (overlays are named after the stem)."""
+    for path in image_paths:
+        if not path.is_file():
+            raise CliError(f"IMAGE: no such file: {path}")
+    stems = [p.stem for p in image_paths]
+    repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if repeated:
+        raise CliError(f"IMAGE: several images named {', '.join(repeated)} would share an overlay")
+
+
+def explain_image(path: Path, loaded: LoadedModel, layer: str, args: argparse.Namespace) -> None:
+    """Explain one image file, write ``<out>/<stem>_<method>.png`` and print the top-1 line."""
+    import torch
+
+    from fastxai.models import class_name, crop_and_resize
+    from fastxai.viz import overlay, save_png
+
+    image = _read_image(path)
+    x = loaded.preprocess(image)
+    with torch.inference_mode():
+        logits = loaded.model(x)
+    top1 = int(logits.argmax(dim=1)[0])
+    probability = float(logits.softmax(dim=1)[0, top1])
+    target = top1 if args.target is None else args.target
+    if not 0 <= target < logits.shape[1]:
+        raise CliError(f"--target: {target} is not a class index in [0, {logits.shape[1]})")
+    try:
+        explanation = METHODS[args.method](loaded.model, x, layer, target)
+    except (ValueError, TypeError) as exc:
+        raise CliError(f"--method {args.method} at --layer {layer}: {exc}") from exc
+    picture = overlay(crop_and_resize(image), explanation.maps[0].detach().cpu().numpy())
+    written = save_png(picture, Path(args.out) / f"{path.stem}_{args.method}.png")
+    if float(explanation.maps.max()) == 0.0:
+        print(
+            f"{PROG} explain: warning: {path}: the {args.method} map is zero everywhere "
+            f"(its weighted activations at {layer} are all <= 0); try a layer after an "
+            "activation function",
+            file=sys.stderr,
+        )
+    print(
+        f"{path}: top-1 {top1} {class_name(loaded.class_names, top1)!r} p={probability:.3f}"
+        f"; {args.method} for class {target} at {layer} -> {written}"
+    )
+
+
+def run_explain_command(args: argparse.Namespace) -> int:
+    image_paths = [Path(p) for p in args.images]
+    _check_image_paths(image_paths)  # before the model loads
+    loaded = _load_model_for_cli(args.model, args.weights)
+    layer = _choose_layer(args.model, loaded.model, args.layer)
+    for path in image_paths:
+        explain_image(path, loaded, layer, args)
+    return 0
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    """Run the benchmark script in a fresh interpreter; its exit status is ours."""
+    if not BENCHMARK_SCRIPT.is_file():
+        raise CliError(
+            f"{BENCHMARK_SCRIPT} is missing (it ships in the source repository, not in "
+            "the installed package)",
+            ENVIRONMENT_ERROR,
+        )
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    command = [sys.executable, str(BENCHMARK_SCRIPT), *args.passthrough]
+    return subprocess.run(command, env=env, check=False).returncode
+
+
+COMMANDS = {"demo": run_demo_command, "explain": run_explain_command, "bench": run_bench_command}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fastxai`` command; returns the exit status."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    # Everything after "bench" belongs to the benchmark script (argparse.REMAINDER in a
+    # subparser would stop at the first option-like argument).
+    passthrough = arguments[1:] if arguments[:1] == ["bench"] else []
+    try:
+        args = build_parser().parse_args(arguments[:1] if passthrough else arguments)
+    except SystemExit as exc:  # usage errors and --help: return the status instead of exiting
+        return exc.code if isinstance(exc.code, int) else USAGE_ERROR
+    args.passthrough = passthrough
+    try:
+        return COMMANDS[args.command](args)
+    except CliError as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
