@@ -49,3 +49,15 @@ def check_images(model: nn.Module, x: Tensor, name: str = "x") -> None:
         )
     if not torch.compiler.is_compiling() and x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def check_maps(x: Tensor, maps: Tensor, name: str = "maps") -> None:
+    """``maps`` must be a finite ``(N, H, W)`` tensor matching ``x`` ``(N, C, H, W)``."""
+    n, _, height, width = x.shape
+    if not isinstance(maps, Tensor) or maps.shape != (n, height, width):
+        shape = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
+        raise ValueError(f"{name} must have shape ({n}, {height}, {width}) like x, got {shape}")
+    if maps.device != x.device:
+        raise ValueError(f"{name} is on {maps.device} but x is on {x.device}")
+    if maps.numel() and not torch.compiler.is_compiling() and not bool(torch.isfinite(maps).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")

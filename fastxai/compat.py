@@ -148,14 +148,18 @@ class EigenCAM(BaseCAM):
         return super()._explain(x, targets, eigen_smooth=False)  # already a projection
 
 
-class ScoreCAM(BaseCAM):
-    method = methods.scorecam
+class _PerturbationCAM(BaseCAM):
+    """Methods that run many perturbed forwards honour ``batch_size`` (None: chosen by memory)."""
 
     def _method_options(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size}
 
 
-class AblationCAM(BaseCAM):
+class ScoreCAM(_PerturbationCAM):
+    method = methods.scorecam
+
+
+class AblationCAM(_PerturbationCAM):
     method = methods.ablationcam
 
     def __init__(
@@ -164,7 +168,7 @@ class AblationCAM(BaseCAM):
         target_layers: Sequence[nn.Module],
         reshape_transform: ReshapeTransform | None = None,
         ablation_layer: nn.Module | None = None,
-        batch_size: int = 32,
+        batch_size: int | None = None,
         ratio_channels_to_ablate: float = 1.0,
     ) -> None:
         super().__init__(model, target_layers, reshape_transform)
@@ -178,11 +182,7 @@ class AblationCAM(BaseCAM):
                 "ratio_channels_to_ablate: only 1.0 (every channel) is supported; fastxai "
                 "re-runs only the network after the layer, so ablating all channels is cheap"
             )
-        self.batch_size = None  # rows per suffix run are chosen by memory; pgc's 32 is not needed
-        self._requested_batch_size = batch_size
-
-    def _method_options(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size}
+        self.batch_size = batch_size
 
 
 __all__ = [

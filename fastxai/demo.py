@@ -1,5 +1,10 @@
 """The end-to-end demo: explain EfficientNet-Lite0 on scikit-image photos and save overlays.
 
+With TFT on (the default), each photo's Grad-CAM map is also threshold fine-tuned
+(:func:`fastxai.tft`, the paper's ladder 0.0..0.9): ``<photo>_gradcam_tft.png`` shows what TFT
+kept (see :func:`fastxai.viz.tft_overlay`: the Grad-CAM colours on the kept pixels, the photo
+darkened on the muted ones) and ``<photo>_rpi.png`` plots RPI versus the threshold with tau*.
+
 Needs the demo extras (``pip install -e .[demo]``); nothing is downloaded.
 """
 
@@ -14,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastxai import ops
+from fastxai import ops, thresholding
 from fastxai.explanation import Explanation
 from fastxai.methods import METHODS
 from fastxai.models import (
@@ -27,7 +32,7 @@ from fastxai.models import (
     load_efficientnet_lite0,
     to_rgb_uint8,
 )
-from fastxai.viz import overlay, save_png, side_by_side
+from fastxai.viz import overlay, rpi_plot, save_png, side_by_side, tft_overlay
 
 DEMO_PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 DEMO_METHODS = ("gradcam", "gradcampp", "layercam", "scorecam")
@@ -119,6 +124,47 @@ def timed_explanation(
     return explanation, best_ms
 
 
+TFT_METHOD = "gradcam"
+
+
+def timed_tft(
+    model: torch.nn.Module, x: torch.Tensor, explanation: Explanation, repeats: int = 1
+) -> tuple[Explanation, float]:
+    """:func:`fastxai.tft` on ``explanation``'s maps for its classes, ``repeats`` times; returns
+    the tuned explanation and the best wall time in ms. The CAM's logits are reused, so the time
+    is TFT's own: the masks and one batched forward of the masked images."""
+    best_ms = float("inf")
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        tuned = thresholding.tft(
+            model, x, explanation.maps, explanation.targets, logits=explanation.logits
+        )
+        best_ms = min(best_ms, (time.perf_counter() - start) * 1e3)
+    return tuned, best_ms
+
+
+def tft_summary(tuned: Explanation, index: int = 0) -> dict[str, float]:
+    """``tau``, ``rpi`` (at tau*), ``p_before`` and ``p_after`` (the explained class's softmax
+    probability on the photo and on the photo masked at tau*; equal when no threshold raised it
+    and nothing beyond zero-saliency pixels was muted) of image ``index`` of a TFT result."""
+    if tuned.tau is None or tuned.rpi is None:
+        raise ValueError("tft_summary needs a TFT result (tau and rpi are None)")
+    best = int(tuned.rpi[index].argmax())
+    rpi = float(tuned.rpi[index, best])
+    probabilities = tuned.logits[index].float().softmax(dim=0)
+    p_before = float(probabilities[int(tuned.targets[index])])
+    p_after = float(tuned.extras["probabilities"][index, best]) if rpi > 0 else p_before
+    return {"tau": float(tuned.tau[index]), "rpi": rpi, "p_before": p_before, "p_after": p_after}
+
+
+def tft_line(summary: Mapping[str, float]) -> str:
+    """``tau*=0.30 RPI=0.421 p 0.612 -> 0.870`` (or says that no threshold raised ``p``)."""
+    head = f"tau*={summary['tau']:.2f} RPI={summary['rpi']:.3f}"
+    if summary["rpi"] > 0:
+        return f"{head} p {summary['p_before']:.3f} -> {summary['p_after']:.3f}"
+    return f"{head} p {summary['p_before']:.3f} (no threshold raised it: nothing muted)"
+
+
 def _runs_on(method: str, photo_index: int, per_channel_photos: int | None) -> bool:
     if method not in PER_CHANNEL_METHODS or per_channel_photos is None:
         return True
@@ -132,9 +178,12 @@ def explain_photo(
     out_dir: Path,
     layers: Mapping[str, str],
     say: Callable[[str], None],
+    tft_layer: str | None = None,
 ) -> dict[str, Any]:
     """Top-1, one timed explanation per method at ``layers[method]``, and the PNGs (original,
-    overlays, grid)."""
+    overlays, grid). With ``tft_layer``, also TFT on the Grad-CAM map at that layer (Grad-CAM's
+    own run is reused when it is one of ``methods``): its overlay goes into the grid right after
+    the plain Grad-CAM panel, and the RPI plot into ``<photo>_rpi.png``."""
     rgb = load_photo(photo)
     display = crop_and_resize(rgb)
     x = loaded.preprocess(rgb)
@@ -144,6 +193,8 @@ def explain_photo(
     paths = {"original": str(save_png(display, out_dir / f"{photo}.png"))}
     timings_ms: dict[str, float] = {}
     panels, titles = [display], [f"{photo}: {name}"]
+    explanations: dict[str, Explanation] = {}
+    tft_panel = len(panels)
     for method in methods:
         layer = layers[method]
         if method in PER_CHANNEL_METHODS:
@@ -152,13 +203,44 @@ def explain_photo(
         explanation, timings_ms[method] = timed_explanation(
             method, loaded.model, x, layer, index, repeats
         )
+        explanations[method] = explanation
         blank = " (all-zero map)" if float(explanation.maps.max()) == 0.0 else ""
         picture = overlay(display, explanation.maps[0].detach().cpu().numpy())
         paths[method] = str(save_png(picture, out_dir / f"{photo}_{method}.png"))
         panels.append(picture)
         titles.append(f"{method} ({timings_ms[method]:.0f} ms)")
+        if method == TFT_METHOD:
+            tft_panel = len(panels)  # the TFT overlay goes right after the plain Grad-CAM one
         timing = f"{timings_ms[method]:>9.1f} ms" + (f" (best of {repeats})" if repeats > 1 else "")
         say(f"  {method:<12} {timing:<24} -> {paths[method]}{blank}")
+    summary: dict[str, float] | None = None
+    if tft_layer is not None:
+        plain = explanations.get(TFT_METHOD) if layers.get(TFT_METHOD) == tft_layer else None
+        if plain is None:  # Grad-CAM was not asked for (at this layer): its panel goes last
+            plain, _ = timed_explanation(TFT_METHOD, loaded.model, x, tft_layer, index)
+            panels.append(overlay(display, plain.maps[0].detach().cpu().numpy()))
+            titles.append(f"{TFT_METHOD} at {tft_layer} (for TFT)")
+            tft_panel = len(panels)
+        tuned, tft_ms = timed_tft(loaded.model, x, plain, FAST_METHOD_REPEATS)
+        summary = {**tft_summary(tuned), "time_ms": tft_ms}
+        picture = tft_overlay(
+            display, tuned.maps[0].detach().cpu().numpy(), tuned.mask[0].detach().cpu().numpy()
+        )
+        paths["gradcam_tft"] = str(save_png(picture, out_dir / f"{photo}_gradcam_tft.png"))
+        paths["rpi"] = str(
+            rpi_plot(
+                tuned.extras["thresholds"],
+                tuned.rpi[0],
+                summary["tau"],
+                out_dir / f"{photo}_rpi.png",
+                title=f"{photo}: Grad-CAM + TFT for {name!r}",
+            )
+        )
+        panels.insert(tft_panel, picture)
+        titles.insert(tft_panel, f"gradcam+TFT tau*={summary['tau']:.2f} ({tft_ms:.0f} ms)")
+        timing = f"{tft_ms:>9.1f} ms (best of {FAST_METHOD_REPEATS})"
+        say(f"  {'gradcam+TFT':<12} {timing:<24} -> {paths['gradcam_tft']}")
+        say(f"  {'':<12} {tft_line(summary)}; RPI plot -> {paths['rpi']}")
     if len(panels) > 1:
         paths["grid"] = str(side_by_side(panels, titles, out_dir / f"{photo}_all.png"))
     return {
@@ -167,6 +249,8 @@ def explain_photo(
         "top1_prob": probability,
         "timings_ms": timings_ms,
         "paths": paths,
+        "tau": None if summary is None else summary["tau"],
+        "tft": summary,
     }
 
 
@@ -179,6 +263,7 @@ def run_demo(
     per_channel_photos: int | None = 1,
     layer: str = EFFICIENTNET_LITE0_LAYER,
     method_layers: Mapping[str, str] = DEMO_METHOD_LAYERS,
+    tft: bool = True,
 ) -> dict[str, Any]:
     """Explain EfficientNet-Lite0's top-1 class on scikit-image photos and write overlay PNGs.
 
@@ -193,11 +278,17 @@ def run_demo(
         layer: the explained layer of EfficientNet-Lite0.
         method_layers: per-method exceptions to ``layer`` (default: Score-CAM at ``_swish@1``,
             see :data:`DEMO_METHOD_LAYERS`; pass ``{}`` to use ``layer`` everywhere).
+        tft: also threshold fine-tune each photo's Grad-CAM map at ``layer`` (Grad-CAM runs for
+            this even when it is not in ``methods``) and write ``<photo>_gradcam_tft.png`` (what
+            TFT kept, :func:`fastxai.viz.tft_overlay`) and ``<photo>_rpi.png`` (RPI versus the
+            threshold, tau* marked).
 
     Returns:
         ``{"out_dir", "kernel", "layers": {method: layer}, "photos": {photo: {"top1_index",
         "top1_name", "top1_prob", "timings_ms": {method: ms}, "paths": {"original" | method |
-        "grid": path}}}, "paths": [every PNG written], "skipped": [(photo, method), ...]}``.
+        "gradcam_tft" | "rpi" | "grid": path}, "tau": tau* or None, "tft": {"tau", "rpi",
+        "p_before", "p_after", "time_ms"} or None}}, "paths": [every PNG written],
+        "skipped": [(photo, method), ...]}``.
     """
     methods, photos = check_demo_arguments(methods, photos, per_channel_photos)
     say: Callable[[str], None] = (lambda _line: None) if quiet else print
@@ -218,7 +309,7 @@ def run_demo(
     # The first call on a (model, layer) traces and caches the model split; keep it out of the
     # per-method timings.
     warm_up_x = loaded.preprocess(load_photo(photos[0]))
-    for traced in dict.fromkeys(layers.values()):
+    for traced in dict.fromkeys([*layers.values(), *([layer] if tft else [])]):
         _, warm_up_ms = timed_explanation("gradcam", loaded.model, warm_up_x, traced, 0)
         say(f"warm-up (traces the model once at {traced!r}): {warm_up_ms:.0f} ms")
 
@@ -227,7 +318,9 @@ def run_demo(
     for photo_index, photo in enumerate(photos):
         chosen = [m for m in methods if _runs_on(m, photo_index, per_channel_photos)]
         skipped += [(photo, m) for m in methods if m not in chosen]
-        results[photo] = explain_photo(loaded, photo, chosen, target_dir, layers, say)
+        results[photo] = explain_photo(
+            loaded, photo, chosen, target_dir, layers, say, tft_layer=layer if tft else None
+        )
     written = [p for result in results.values() for p in result["paths"].values()]
     say(f"wrote {len(written)} PNGs to {target_dir}")
     return {

@@ -12,42 +12,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from fastxai._checks import check_images, check_model
+from fastxai._batching import class_probabilities
+from fastxai._checks import check_images, check_maps, check_model
 from fastxai.targets import resolve_targets
-
-METRIC_MEMORY_BYTES = 256 * 2**20
-
-
-def _check_maps(x: Tensor, maps: Tensor) -> None:
-    n, _, height, width = x.shape
-    if not isinstance(maps, Tensor) or maps.shape != (n, height, width):
-        shape = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
-        raise ValueError(f"maps must have shape ({n}, {height}, {width}) like x, got {shape}")
-    if maps.device != x.device:
-        raise ValueError(f"maps is on {maps.device} but x is on {x.device}")
-    if maps.numel() and not bool(torch.isfinite(maps).all()):
-        raise ValueError("maps contains NaN or Inf values")
-
-
-def _rows(x: Tensor, batch_size: int | None) -> int:
-    if batch_size is not None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        return batch_size
-    return max(1, METRIC_MEMORY_BYTES // (4 * max(x[0].numel() * x.element_size(), 1)))
-
-
-def class_probabilities(
-    model: nn.Module, images: Tensor, classes: Tensor, batch_size: int | None = None
-) -> Tensor:
-    """Softmax probability of ``classes[i]`` for ``images[i]``, batched: ``(M,)``."""
-    rows = _rows(images, batch_size)
-    out = []
-    with torch.inference_mode():
-        for start in range(0, images.shape[0], rows):
-            probs = torch.softmax(model(images[start : start + rows]).float(), dim=1)
-            out.append(probs.gather(1, classes[start : start + rows, None])[:, 0])
-    return torch.cat(out) if out else images.new_zeros(0, dtype=torch.float32)
 
 
 def _classes(model: nn.Module, x: Tensor, targets: object) -> tuple[Tensor, Tensor]:
@@ -102,7 +69,7 @@ def average_increase_drop(
     """
     check_model(model)
     check_images(model, x)
-    _check_maps(x, maps)
+    check_maps(x, maps)
     if mask not in ("binary", "soft"):
         raise ValueError(f"mask must be 'binary' or 'soft', got {mask!r}")
     classes, original = _classes(model, x, targets)
@@ -150,7 +117,7 @@ def deletion_insertion(
     """
     check_model(model)
     check_images(model, x)
-    _check_maps(x, maps)
+    check_maps(x, maps)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps}")
     n, c, h, w = x.shape

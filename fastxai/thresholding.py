@@ -18,7 +18,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from fastxai._checks import check_images, check_model
+from fastxai._batching import class_probabilities
+from fastxai._checks import check_images, check_maps, check_model
 from fastxai.explanation import Explanation
 
 Mode = Literal["value", "percentile"]
@@ -26,7 +27,6 @@ MaskKind = Literal["binary", "soft"]
 
 PAPER_THRESHOLDS = tuple(i / 10 for i in range(10))  # 0.0 .. 0.9 (tau = 0 included)
 PERCENTILE_THRESHOLDS = tuple(i / 10 for i in range(1, 10))  # mute 10% .. 90% (official code)
-TFT_MEMORY_BYTES = 256 * 2**20  # masked images per forward batch
 
 # Table 1 of the paper: the share of each method's map muted by default ("naive" thresholds).
 NAIVE_MUTED_FRACTION = {
@@ -76,16 +76,6 @@ def ladder_masks(maps: Tensor, thresholds: Tensor, mode: Mode) -> Tensor:
     raise ValueError(f"mode must be 'value' or 'percentile', got {mode!r}")
 
 
-def _class_probabilities(model: nn.Module, images: Tensor, classes: Tensor, rows: int) -> Tensor:
-    out = []
-    with torch.inference_mode():
-        for start in range(0, images.shape[0], rows):
-            logits = model(images[start : start + rows])
-            probs = torch.softmax(logits.float(), dim=1)
-            out.append(probs.gather(1, classes[start : start + rows, None])[:, 0])
-    return torch.cat(out) if out else images.new_zeros(0)
-
-
 def tft(
     model: nn.Module,
     x: Tensor,
@@ -125,17 +115,11 @@ def tft(
         raise ValueError(f"mask must be 'binary' or 'soft', got {mask!r}")
     if mode not in ("value", "percentile"):
         raise ValueError(f"mode must be 'value' or 'percentile', got {mode!r}")
-    n, _, height, width = x.shape
-    if not isinstance(maps, Tensor) or maps.shape != (n, height, width):
-        shape = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
-        raise ValueError(f"maps must have shape ({n}, {height}, {width}) like x, got {shape}")
-    if maps.device != x.device:
-        raise ValueError(f"maps is on {maps.device} but x is on {x.device}")
-    if maps.numel() and not torch.compiler.is_compiling():
-        if not bool(torch.isfinite(maps).all()):
-            raise ValueError("maps contains NaN or Inf values")
-        if bool(maps.amin() < 0) or bool(maps.amax() > 1):
-            raise ValueError("maps must lie in [0, 1] (normalised saliency)")
+    check_maps(x, maps)
+    n = x.shape[0]
+    in_range = not maps.numel() or (bool(maps.amin() >= 0) and bool(maps.amax() <= 1))
+    if not torch.compiler.is_compiling() and not in_range:
+        raise ValueError("maps must lie in [0, 1] (normalised saliency)")
     default = PAPER_THRESHOLDS if mode == "value" else PERCENTILE_THRESHOLDS
     ladder = torch.as_tensor(default if thresholds is None else thresholds, dtype=torch.float64)
     if ladder.dim() != 1 or ladder.numel() == 0:
@@ -169,10 +153,9 @@ def tft(
     if mask == "soft":
         weights = weights * maps[:, None].to(x.dtype)
     masked = (weights[:, :, None] * x[:, None]).flatten(0, 1)  # (N*T, C, H, W)
-    image_bytes = x[0].numel() * x.element_size()
-    rows = batch_size or max(1, TFT_MEMORY_BYTES // (4 * max(image_bytes, 1)))
     original = torch.softmax(logits.float(), dim=1).gather(1, classes[:, None])[:, 0]
-    probs = _class_probabilities(model, masked, classes.repeat_interleave(t), rows).view(n, t)
+    probs = class_probabilities(model, masked, classes.repeat_interleave(t), batch_size)
+    probs = probs.view(n, t)
     rpi = (probs - original[:, None]).clamp_min(0) / original[:, None]
     best = rpi.argmax(1)  # first maximum
     improved = rpi.gather(1, best[:, None])[:, 0] > 0

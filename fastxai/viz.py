@@ -52,6 +52,35 @@ def overlay(image: Any, saliency: Any, alpha: float = 0.5, colormap: str = "jet"
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
 
+def tft_overlay(
+    image: Any,
+    saliency: Any,
+    mask: Any,
+    alpha: float = 0.5,
+    colormap: str = "jet",
+    muted_brightness: float = 0.3,
+) -> np.ndarray:
+    """What TFT kept: the :func:`overlay` of ``saliency`` on the kept pixels, and the photo
+    darkened to ``muted_brightness`` (no colour) on the muted ones.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+        saliency: ``(H, W)`` map in [0, 1] (the thresholded or the original map: equal where kept).
+        mask: ``(H, W)`` bool, ``True`` where the pixel is kept (``Explanation.mask``).
+        alpha: colour weight on the kept pixels, as in :func:`overlay`.
+        colormap: a matplotlib colormap name.
+        muted_brightness: factor in [0, 1] applied to the muted pixels of ``image``.
+    """
+    coloured = overlay(image, saliency, alpha, colormap)
+    kept = np.asarray(mask, dtype=bool)
+    if kept.shape != coloured.shape[:2]:
+        raise ValueError(f"mask must have the image's shape {coloured.shape[:2]}, got {kept.shape}")
+    if not 0.0 <= muted_brightness <= 1.0:
+        raise ValueError(f"muted_brightness must be in [0, 1], got {muted_brightness}")
+    dark = np.rint(np.asarray(image, dtype=np.float64) * muted_brightness).astype(np.uint8)
+    return np.where(kept[:, :, None], coloured, dark)
+
+
 def write_atomically(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write`` on a temporary file next to ``path``, then rename it onto ``path``, so
     readers never see a half-written file. Parent folders are created."""
@@ -95,4 +124,60 @@ def side_by_side(
         ax.imshow(np.asarray(picture))
         ax.set_title(title, fontsize=9)
         ax.axis("off")
+    return write_atomically(path, lambda stream: figure.savefig(stream, format="png", dpi=100))
+
+
+def _as_vector(name: str, values: Any) -> np.ndarray:
+    if hasattr(values, "detach"):  # a tensor, possibly on an accelerator
+        values = values.detach().double().cpu().numpy()
+    vector = np.asarray(values, dtype=np.float64)
+    if vector.ndim != 1 or vector.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence, got shape {vector.shape}")
+    return vector
+
+
+def rpi_plot(
+    thresholds: Any,
+    rpi: Any,
+    tau: float,
+    path: str | Path,
+    title: str | None = None,
+    *,
+    xlabel: str = "threshold \u03c4",
+) -> Path:
+    """Save the relative probability increase versus the threshold as a PNG (atomically).
+
+    Args:
+        thresholds: the TFT ladder ``(T,)`` (``Explanation.extras["thresholds"]``).
+        rpi: one image's RPI per threshold ``(T,)`` (a row of ``Explanation.rpi``).
+        tau: the chosen threshold :math:`\\tau^*`, marked by a dashed vertical line (and a dot
+            on the curve when it is one of ``thresholds``).
+        path: the PNG file; parent folders are created.
+        title: drawn above the plot.
+        xlabel: the x-axis label (e.g. "muted fraction" for percentile mode).
+
+    Drawn on a :class:`matplotlib.figure.Figure` with the Agg canvas: no display, no pyplot state.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    xs, ys = _as_vector("thresholds", thresholds), _as_vector("rpi", rpi)
+    if xs.shape != ys.shape:
+        raise ValueError(f"thresholds {xs.shape} and rpi {ys.shape} must have the same length")
+    tau = float(tau)
+    figure = Figure(figsize=(4.5, 3.2), layout="tight")
+    FigureCanvasAgg(figure)
+    ax = figure.subplots()
+    ax.plot(xs, ys, marker="o", markersize=3, color="tab:blue", label="RPI")
+    ax.axvline(tau, color="tab:red", linestyle="--", linewidth=1, label=f"\u03c4* = {tau:g}")
+    hits = np.flatnonzero(np.isclose(xs, tau))
+    if hits.size:
+        ax.plot(xs[hits[0]], ys[hits[0]], marker="o", markersize=7, color="tab:red")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("RPI (relative probability increase)")
+    ax.set_ylim(bottom=0.0, top=max(float(ys.max()) * 1.1, 1e-3))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
     return write_atomically(path, lambda stream: figure.savefig(stream, format="png", dpi=100))

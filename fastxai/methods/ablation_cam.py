@@ -5,19 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fastxai._batching import rows_per_batch
 from fastxai.capture import LayerCapture
 from fastxai.methods._base import make_cam_method
-
-ABLATION_MEMORY_BYTES = 256 * 2**20  # ablated activations per suffix batch
-
-
-def _rows_per_batch(activation: Tensor, batch_size: int | None) -> int:
-    if batch_size is not None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        return batch_size
-    row_bytes = activation[0].numel() * activation.element_size()
-    return max(1, ABLATION_MEMORY_BYTES // max(row_bytes, 1))
 
 
 def ablation_scores(cap: LayerCapture, batch_size: int | None = None) -> Tensor:
@@ -33,7 +23,7 @@ def ablation_scores(cap: LayerCapture, batch_size: int | None = None) -> Tensor:
         )
     a = cap.raw_activation
     n, c = a.shape[:2]
-    rows = _rows_per_batch(a, batch_size)
+    rows = rows_per_batch(a, batch_size)
     scores = a.new_empty(n * c)
     for carried in cap.carry:
         if not isinstance(carried, Tensor) or carried.shape[:1] != (n,):

@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastxai._batching import rows_per_batch
 from fastxai.capture import LayerCapture
 from fastxai.methods._base import make_cam_method
 
 SCORECAM_EPS = 1e-8  # pytorch-grad-cam's per-channel mask normalisation constant
-SCORECAM_MEMORY_BYTES = 256 * 2**20  # masked images per forward batch
 
 
 def _upsample(a: Tensor, size: tuple[int, int]) -> Tensor:
@@ -32,10 +32,7 @@ def masked_scores(
     a = cap.activation
     n, c = a.shape[:2]
     size = (x.shape[2], x.shape[3])
-    image_bytes = x[0].numel() * x.element_size()
-    rows = batch_size or max(1, SCORECAM_MEMORY_BYTES // (4 * max(image_bytes, 1)))
-    if rows < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rows = rows_per_batch(x, batch_size)
     with torch.inference_mode():
         flat = a.reshape(n * c, *a.shape[2:])
         lows, highs = [], []

@@ -1,0 +1,34 @@
+"""Chunking of many perturbed inputs under a memory bound, and their class probabilities."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+# Bytes of perturbed inputs per forward batch; the network's own activations come on top, so the
+# default leaves room for a few times that.
+PERTURBED_BATCH_BYTES = 64 * 2**20
+
+
+def rows_per_batch(sample: Tensor, batch_size: int | None) -> int:
+    """``batch_size`` if given (it must be >= 1), else as many rows shaped like ``sample[0]`` as
+    fit in :data:`PERTURBED_BATCH_BYTES`."""
+    if batch_size is not None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+        return batch_size
+    row_bytes = sample[0].numel() * sample.element_size() if sample.shape[0] else 1
+    return max(1, PERTURBED_BATCH_BYTES // max(row_bytes, 1))
+
+
+def class_probabilities(
+    model: nn.Module, images: Tensor, classes: Tensor, batch_size: int | None = None
+) -> Tensor:
+    """Softmax probability of ``classes[i]`` for ``images[i]``, batched: ``(M,)`` float32."""
+    rows = rows_per_batch(images, batch_size)
+    out = []
+    with torch.inference_mode():
+        for start in range(0, images.shape[0], rows):
+            probs = torch.softmax(model(images[start : start + rows]).float(), dim=1)
+            out.append(probs.gather(1, classes[start : start + rows, None])[:, 0])
+    return torch.cat(out) if out else images.new_zeros(0, dtype=torch.float32)
