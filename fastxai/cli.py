@@ -18,8 +18,10 @@ from fastxai.methods import METHODS
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
     from torch import nn
 
+    from fastxai.explanation import Explanation
     from fastxai.models import LoadedModel
 
 PROG = "fastxai"
@@ -78,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run scorecam/ablationcam (one forward per channel) on the first N "
         "photos only (default: %(default)s)",
     )
+    demo.add_argument(
+        "--no-tft",
+        dest="tft",
+        action="store_false",
+        help="skip threshold fine-tuning of the Grad-CAM maps (the TFT overlay and RPI plot)",
+    )
     demo.add_argument("--quiet", action="store_true", help="print nothing")
 
     explain = commands.add_parser("explain", help="explain images and write overlay PNGs")
@@ -115,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CLASS_INDEX",
         help="class to explain (default: each image's top-1)",
     )
+    explain.add_argument(
+        "--tft",
+        action="store_true",
+        help="also threshold fine-tune the map (fastxai.tft): print tau*, write "
+        "<stem>_<method>_tft.png (the kept pixels) and <stem>_<method>_rpi.png (RPI vs threshold)",
+    )
 
     commands.add_parser(
         "bench", help="run benchmarks/cam_methods.py; every later argument is passed on to it"
@@ -136,6 +150,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
             args.quiet,
             photos=args.photos,
             per_channel_photos=args.per_channel_photos,
+            tft=args.tft,
         )
     except ImportError as exc:
         raise CliError(str(exc), ENVIRONMENT_ERROR) from exc
@@ -206,7 +221,12 @@ def _check_image_paths(image_paths: Sequence[Path]) -> None:
 
 
 def explain_image(path: Path, loaded: LoadedModel, layer: str, args: argparse.Namespace) -> None:
-    """Explain one image file, write ``<out>/<stem>_<method>.png`` and print the top-1 line."""
+    """Explain one image file, write ``<out>/<stem>_<method>.png`` and print the top-1 line.
+
+    With ``--tft``, also TFT on the map for the explained class (the paper's ladder 0.0..0.9):
+    ``<stem>_<method>_tft.png`` (:func:`fastxai.viz.tft_overlay`: the map's colours on the kept
+    pixels, the image darkened on the muted ones), ``<stem>_<method>_rpi.png`` and a ``tau*`` line.
+    """
     import torch
 
     from fastxai.models import class_name, crop_and_resize
@@ -225,7 +245,8 @@ def explain_image(path: Path, loaded: LoadedModel, layer: str, args: argparse.Na
         explanation = METHODS[args.method](loaded.model, x, layer, target)
     except (ValueError, TypeError) as exc:
         raise CliError(f"--method {args.method} at --layer {layer}: {exc}") from exc
-    picture = overlay(crop_and_resize(image), explanation.maps[0].detach().cpu().numpy())
+    display = crop_and_resize(image)
+    picture = overlay(display, explanation.maps[0].detach().cpu().numpy())
     written = save_png(picture, Path(args.out) / f"{path.stem}_{args.method}.png")
     if float(explanation.maps.max()) == 0.0:
         print(
@@ -237,6 +258,50 @@ def explain_image(path: Path, loaded: LoadedModel, layer: str, args: argparse.Na
     print(
         f"{path}: top-1 {top1} {class_name(loaded.class_names, top1)!r} p={probability:.3f}"
         f"; {args.method} for class {target} at {layer} -> {written}"
+    )
+    if args.tft:
+        explain_tft(path, loaded, x, explanation, target, logits, display, args)
+
+
+def explain_tft(
+    path: Path,
+    loaded: LoadedModel,
+    x: torch.Tensor,
+    explanation: Explanation,
+    target: int,
+    logits: torch.Tensor,
+    display: np.ndarray,
+    args: argparse.Namespace,
+) -> None:
+    """TFT on ``explanation``'s map for class ``target``: write the overlay and the RPI plot and
+    print ``<image>: <method>+TFT tau*=... RPI=... p ... -> ... (N ms)``."""
+    import time
+
+    from fastxai.demo import tft_line, tft_summary
+    from fastxai.thresholding import tft
+    from fastxai.viz import rpi_plot, save_png, tft_overlay
+
+    start = time.perf_counter()
+    # Class-index target (not explanation.targets: methods without a class, such as Eigen-CAM,
+    # report -1 there); the logits of the unmodified image are reused.
+    tuned = tft(loaded.model, x, explanation.maps, target, logits=logits)
+    tft_ms = (time.perf_counter() - start) * 1e3
+    summary = tft_summary(tuned)
+    out = Path(args.out)
+    picture = tft_overlay(
+        display, tuned.maps[0].detach().cpu().numpy(), tuned.mask[0].detach().cpu().numpy()
+    )
+    overlay_path = save_png(picture, out / f"{path.stem}_{args.method}_tft.png")
+    plot_path = rpi_plot(
+        tuned.extras["thresholds"],
+        tuned.rpi[0],
+        summary["tau"],
+        out / f"{path.stem}_{args.method}_rpi.png",
+        title=f"{path.name}: {args.method} + TFT for class {target}",
+    )
+    print(
+        f"{path}: {args.method}+TFT {tft_line(summary)} ({tft_ms:.0f} ms) -> {overlay_path}, "
+        f"{plot_path}"
     )
 
 

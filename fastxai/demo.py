@@ -143,26 +143,38 @@ def timed_tft(
     return tuned, best_ms
 
 
-def tft_summary(tuned: Explanation, index: int = 0) -> dict[str, float]:
-    """``tau``, ``rpi`` (at tau*), ``p_before`` and ``p_after`` (the explained class's softmax
-    probability on the photo and on the photo masked at tau*; equal when no threshold raised it
-    and nothing beyond zero-saliency pixels was muted) of image ``index`` of a TFT result."""
-    if tuned.tau is None or tuned.rpi is None:
-        raise ValueError("tft_summary needs a TFT result (tau and rpi are None)")
+def tft_summary(tuned: Explanation, index: int = 0) -> dict[str, Any]:
+    """Image ``index`` of a TFT result: ``tau`` (tau*), ``rpi`` (the RPI at tau*), ``muted`` (the
+    fraction of pixels TFT muted), ``p_before`` (the class's softmax probability on the image)
+    and ``p_after`` (on the image masked at tau*; ``None`` when no threshold raised it: TFT then
+    keeps the map and mutes only zero-saliency pixels)."""
+    if tuned.tau is None or tuned.rpi is None or tuned.mask is None:
+        raise ValueError("tft_summary needs a TFT result (tau, rpi and mask are None)")
     best = int(tuned.rpi[index].argmax())
     rpi = float(tuned.rpi[index, best])
     probabilities = tuned.logits[index].float().softmax(dim=0)
-    p_before = float(probabilities[int(tuned.targets[index])])
-    p_after = float(tuned.extras["probabilities"][index, best]) if rpi > 0 else p_before
-    return {"tau": float(tuned.tau[index]), "rpi": rpi, "p_before": p_before, "p_after": p_after}
+    p_after = float(tuned.extras["probabilities"][index, best]) if rpi > 0 else None
+    return {
+        "tau": float(tuned.tau[index]),
+        "rpi": rpi,
+        "muted": 1.0 - float(tuned.mask[index].float().mean()),
+        "p_before": float(probabilities[int(tuned.targets[index])]),
+        "p_after": p_after,
+    }
 
 
-def tft_line(summary: Mapping[str, float]) -> str:
-    """``tau*=0.30 RPI=0.421 p 0.612 -> 0.870`` (or says that no threshold raised ``p``)."""
-    head = f"tau*={summary['tau']:.2f} RPI={summary['rpi']:.3f}"
-    if summary["rpi"] > 0:
-        return f"{head} p {summary['p_before']:.3f} -> {summary['p_after']:.3f}"
-    return f"{head} p {summary['p_before']:.3f} (no threshold raised it: nothing muted)"
+def tft_line(summary: Mapping[str, Any]) -> str:
+    """``tau*=0.30 RPI=0.4213 p 0.612 -> 0.870, 57.1% muted``, or, when no threshold raised the
+    probability, ``tau*=0.00 RPI=0 p 0.612: no threshold raised it, map kept (2.0% muted: zero
+    saliency)``."""
+    head = f"tau*={summary['tau']:.2f} RPI={summary['rpi']:.4g}"
+    muted = f"{100 * summary['muted']:.1f}% muted"
+    if summary["p_after"] is not None:
+        return f"{head} p {summary['p_before']:.3f} -> {summary['p_after']:.3f}, {muted}"
+    return (
+        f"{head} p {summary['p_before']:.3f}: no threshold raised it, map kept "
+        f"({muted}: zero saliency)"
+    )
 
 
 def _runs_on(method: str, photo_index: int, per_channel_photos: int | None) -> bool:
@@ -213,7 +225,7 @@ def explain_photo(
             tft_panel = len(panels)  # the TFT overlay goes right after the plain Grad-CAM one
         timing = f"{timings_ms[method]:>9.1f} ms" + (f" (best of {repeats})" if repeats > 1 else "")
         say(f"  {method:<12} {timing:<24} -> {paths[method]}{blank}")
-    summary: dict[str, float] | None = None
+    summary: dict[str, Any] | None = None
     if tft_layer is not None:
         plain = explanations.get(TFT_METHOD) if layers.get(TFT_METHOD) == tft_layer else None
         if plain is None:  # Grad-CAM was not asked for (at this layer): its panel goes last
@@ -287,8 +299,8 @@ def run_demo(
         ``{"out_dir", "kernel", "layers": {method: layer}, "photos": {photo: {"top1_index",
         "top1_name", "top1_prob", "timings_ms": {method: ms}, "paths": {"original" | method |
         "gradcam_tft" | "rpi" | "grid": path}, "tau": tau* or None, "tft": {"tau", "rpi",
-        "p_before", "p_after", "time_ms"} or None}}, "paths": [every PNG written],
-        "skipped": [(photo, method), ...]}``.
+        "muted", "p_before", "p_after", "time_ms"} or None (see :func:`tft_summary`)}},
+        "paths": [every PNG written], "skipped": [(photo, method), ...]}``.
     """
     methods, photos = check_demo_arguments(methods, photos, per_channel_photos)
     say: Callable[[str], None] = (lambda _line: None) if quiet else print

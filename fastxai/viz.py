@@ -169,7 +169,8 @@ def rpi_plot(
     FigureCanvasAgg(figure)
     ax = figure.subplots()
     ax.plot(xs, ys, marker="o", markersize=3, color="tab:blue", label="RPI")
-    ax.axvline(tau, color="tab:red", linestyle="--", linewidth=1, label=f"\u03c4* = {tau:g}")
+    label = f"\u03c4* = {tau:g}" + (" (no threshold raised p)" if float(ys.max()) <= 0 else "")
+    ax.axvline(tau, color="tab:red", linestyle="--", linewidth=1, label=label)
     hits = np.flatnonzero(np.isclose(xs, tau))
     if hits.size:
         ax.plot(xs[hits[0]], ys[hits[0]], marker="o", markersize=7, color="tab:red")

