@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import functools
+import os
+
+import torch
+
+# Triton kernels run under the interpreter where no GPU exists; it must be set before any
+# @triton.jit kernel is defined, so before fastxai.ops.triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
-import torch
 import torchvision
 from torch import nn
 
