@@ -43,7 +43,17 @@ import fastxai._C as ext
 # Every op with a csrc/cuda kernel.
 missing = [
     op
-    for op in ("fastxai::scale_maps",)
+    for op in (
+        "fastxai::scale_maps",
+        "fastxai::layercam",
+        "fastxai::layercam_backward",
+        "fastxai::mask_priors",
+        "fastxai::mask_priors_backward",
+        "fastxai::tft_ladder",
+        "fastxai::tft_ladder_out",
+        "fastxai::tft_mask",
+        "fastxai::rpi_select",
+    )
     if not torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA")
 ]
 if missing:

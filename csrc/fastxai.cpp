@@ -26,4 +26,33 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(fastxai, m) {
   m.def("scale_maps(Tensor raw, int height, int width) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def("layercam(Tensor gradient, Tensor activation) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def(
+      "layercam_backward(Tensor grad_map, Tensor gradient, Tensor activation, Tensor map) -> "
+      "(Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def("mask_priors(Tensor p, int neighbours=4) -> Tensor", {at::Tag::pt2_compliant_tag});
+  m.def(
+      "mask_priors_backward(Tensor grad_terms, Tensor p, int neighbours) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // TFT: the masked batch (N * T, C, H, W) of a threshold ladder, from the raw CAM (tft_ladder,
+  // which also returns the upsampled map) or from input-resolution maps (tft_mask);
+  // threshold_mode is "value" | "percentile", mask_kind "binary" | "soft". (An argument named
+  // `mode` collides with torch.compile's dispatch-mode redirection.)
+  m.def(
+      "tft_ladder(Tensor raw, Tensor images, Tensor thresholds, str threshold_mode, "
+      "str mask_kind) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "tft_ladder_out(Tensor raw, Tensor images, Tensor thresholds, str threshold_mode, "
+      "str mask_kind, Tensor(a!) out) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "tft_mask(Tensor maps, Tensor images, Tensor thresholds, str threshold_mode, "
+      "str mask_kind) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  // TFT epilogue: RPI curve (N, T) and the selected threshold per image (-1: none).
+  m.def(
+      "rpi_select(Tensor logits, Tensor classes, Tensor original) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
 }

@@ -32,3 +32,13 @@ def class_probabilities(
             probs = torch.softmax(model(images[start : start + rows]).float(), dim=1)
             out.append(probs.gather(1, classes[start : start + rows, None])[:, 0])
     return torch.cat(out) if out else images.new_zeros(0, dtype=torch.float32)
+
+
+def batched_logits(model: nn.Module, images: Tensor, batch_size: int | None = None) -> Tensor:
+    """``model(images)`` in chunks of :func:`rows_per_batch` rows: ``(M, K)`` float32."""
+    rows = rows_per_batch(images, batch_size)
+    with torch.inference_mode():
+        out = [model(images[start : start + rows]).float() for start in range(0, len(images), rows)]
+    if not out:
+        raise ValueError("batched_logits: no images to evaluate")
+    return torch.cat(out)

@@ -18,9 +18,11 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from fastxai._batching import class_probabilities
+from fastxai import ops
+from fastxai._batching import batched_logits
 from fastxai._checks import check_images, check_maps, check_model
 from fastxai.explanation import Explanation
+from fastxai.ops.reference import stable_rank
 
 Mode = Literal["value", "percentile"]
 MaskKind = Literal["binary", "soft"]
@@ -60,11 +62,8 @@ def percentile_masks(maps: Tensor, fractions: Tensor) -> Tensor:
     ``maps`` ``(N, H, W)``, ``fractions`` ``(T,)`` -> ``(N, T, H, W)`` bool.
     """
     n, h, w = maps.shape
-    order = torch.sort(maps.flatten(1), dim=1, stable=True).indices
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(h * w, device=maps.device).expand(n, -1))
     muted = torch.floor(fractions.double() * (h * w)).long()
-    return (rank[:, None, :] >= muted[None, :, None]).view(n, len(fractions), h, w)
+    return (stable_rank(maps)[:, None, :] >= muted[None, :, None]).view(n, len(fractions), h, w)
 
 
 def ladder_masks(maps: Tensor, thresholds: Tensor, mode: Mode) -> Tensor:
@@ -74,6 +73,20 @@ def ladder_masks(maps: Tensor, thresholds: Tensor, mode: Mode) -> Tensor:
     if mode == "percentile":
         return percentile_masks(maps, thresholds)
     raise ValueError(f"mode must be 'value' or 'percentile', got {mode!r}")
+
+
+def selected_masks(maps: Tensor, thresholds: Tensor, selected: Tensor, mode: Mode) -> Tensor:
+    """The binary mask ``(N, H, W)`` of threshold ``thresholds[selected[n]]`` for each map ``n``.
+
+    The same masks as :func:`ladder_masks` (value mode compares in the maps' dtype), one per map.
+    """
+    chosen = thresholds[selected]
+    if mode == "value":
+        tau = chosen.to(maps.dtype)[:, None, None]
+        return (maps >= tau) & (maps > 0)
+    n, h, w = maps.shape
+    muted = torch.floor(chosen.double() * (h * w)).long()
+    return (stable_rank(maps) >= muted[:, None]).view(n, h, w)
 
 
 def tft(
@@ -148,18 +161,17 @@ def tft(
             extras={"thresholds": ladder},
         )
 
-    candidate = ladder_masks(maps, ladder.to(maps.dtype) if mode == "value" else ladder, mode)
-    weights = candidate.to(x.dtype)
-    if mask == "soft":
-        weights = weights * maps[:, None].to(x.dtype)
-    masked = (weights[:, :, None] * x[:, None]).flatten(0, 1)  # (N*T, C, H, W)
+    # The fused kernels (fastxai.ops; the reference without the extension): the masked batch
+    # (N * T, C, H, W), then the RPI curve and the first threshold maximising it (-1: none).
+    masked = ops.tft_mask(maps, x, ladder, mode=mode, mask=mask)
+    ladder_logits = batched_logits(model, masked, batch_size)
     original = torch.softmax(logits.float(), dim=1).gather(1, classes[:, None])[:, 0]
-    probs = class_probabilities(model, masked, classes.repeat_interleave(t), batch_size)
+    rpi, selected = ops.rpi_select(ladder_logits, classes, original)
+    probs = torch.softmax(ladder_logits, dim=1).gather(1, classes.repeat_interleave(t)[:, None])
     probs = probs.view(n, t)
-    rpi = (probs - original[:, None]).clamp_min(0) / original[:, None]
-    best = rpi.argmax(1)  # first maximum
-    improved = rpi.gather(1, best[:, None])[:, 0] > 0
-    chosen = candidate[torch.arange(n, device=x.device), best]
+    improved = selected >= 0
+    best = selected.clamp_min(0)
+    chosen = selected_masks(maps, ladder, best, mode)
     no_muting = maps > 0
     final_mask = torch.where(improved[:, None, None], chosen, no_muting)
     tau = torch.where(improved, ladder[best], torch.zeros_like(ladder[best]))

@@ -2,11 +2,13 @@
 
 A method only says how it weighs the layer's channels: a function from the captured layer to
 ``contributions`` of shape ``(N, C, h, w)`` whose channel sum is the raw map (or whose first
-principal component is, with ``eigen_smooth``).
+principal component is, with ``eigen_smooth``). A method with a fused kernel for that sum may also
+give ``raw_map``, used instead of the channel sum.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -24,6 +26,8 @@ Layer = str | nn.Module
 Fusion = Literal["mean", "tanh"]
 # (capture, model, x, **options) -> (contributions (N, C, h, w), channel weights (N, C) or None)
 ContributionFn = Callable[..., tuple[Tensor, Tensor | None]]
+# (capture, model, x, **options) -> raw map (N, h, w): the channel sum of the contributions, fused
+RawMapFn = Callable[..., Tensor]
 
 
 def normalise_layers(model: nn.Module, layer: Layer | Sequence[Layer]) -> list[str]:
@@ -86,8 +90,12 @@ def explain_layers(
     eigen_smooth: bool = False,
     tft: bool = False,
     tft_options: dict[str, Any] | None = None,
+    raw_map: RawMapFn | None = None,
 ) -> Explanation:
-    """Run a CAM method given by its ``contributions`` function; see :mod:`fastxai.methods`."""
+    """Run a CAM method given by its ``contributions`` function; see :mod:`fastxai.methods`.
+
+    ``raw_map``, when given, computes the raw map directly (without ``eigen_smooth``).
+    """
     check_model(model)
     layers = normalise_layers(model, layer)
     check_images(model, x)
@@ -106,9 +114,12 @@ def explain_layers(
     raws: list[Tensor] = []
     weights: list[Tensor | None] = []
     for cap in captures:
-        contrib, channel_weights = contributions(cap, model, x)
-        contrib = contrib.to(map_dtype(contrib))
-        raw = first_component_projection(contrib) if eigen_smooth else contrib.sum(1)
+        if raw_map is not None and not eigen_smooth:
+            raw, channel_weights = raw_map(cap, model, x), None
+        else:
+            contrib, channel_weights = contributions(cap, model, x)
+            contrib = contrib.to(map_dtype(contrib))
+            raw = first_component_projection(contrib) if eigen_smooth else contrib.sum(1)
         raws.append(raw)
         weights.append(channel_weights)
     maps = fuse_layer_maps(raws, (x.shape[2], x.shape[3]), fusion)
@@ -151,11 +162,17 @@ _SHARED_ARGS = """
 
 
 def make_cam_method(
-    name: str, contributions: ContributionFn, *, with_gradient: bool, summary: str
+    name: str,
+    contributions: ContributionFn,
+    *,
+    with_gradient: bool,
+    summary: str,
+    raw_map: RawMapFn | None = None,
 ) -> Callable[..., Explanation]:
     """Build the public function of a CAM method from its ``contributions`` rule.
 
-    Options beyond the shared signature are passed to ``contributions`` as keyword arguments.
+    Options beyond the shared signature are passed to ``contributions`` (and ``raw_map``, the
+    fused channel sum, when the method has one) as keyword arguments.
     """
 
     def explain(
@@ -187,6 +204,7 @@ def make_cam_method(
             eigen_smooth=eigen_smooth,
             tft=tft,
             tft_options=tft_options,
+            raw_map=None if raw_map is None else functools.partial(raw_map, **method_options),
         )
 
     explain.__name__ = explain.__qualname__ = name

@@ -77,3 +77,8 @@ def scale_maps(raw: Tensor, size: tuple[int, int], *, backend: Backend = "auto")
     if _use_cpp(raw, backend):
         return torch.ops.fastxai.scale_maps(raw, height, width)
     return reference.scale_maps(raw, height, width)
+
+
+# Last: these front doors call has_extension() above.
+from fastxai.ops._layercam_priors import layercam, mask_priors  # noqa: E402, F401
+from fastxai.ops._tft_ops import rpi_select, tft_ladder, tft_mask  # noqa: E402, F401

@@ -1,0 +1,151 @@
+"""Front doors of ``fastxai::layercam`` and ``fastxai::mask_priors``, with the fake and autograd
+registrations of their C++ ops.
+
+Backends: ``"auto"`` runs the C++ kernel for CPU tensors when ``fastxai._C`` is loaded, the CUDA
+kernel for CUDA tensors when the extension was built with it and Triton otherwise, and the
+pure-PyTorch reference for anything else (other dtypes or devices, no extension). ``"cpp"``,
+``"triton"`` and ``"torch"`` force one. Every backend is differentiable.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from fastxai.ops import has_extension, reference
+
+KernelBackend = Literal["auto", "cpp", "triton", "torch"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+def _has_cuda_kernel(op: str) -> bool:
+    return has_extension() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"fastxai::{op}", "CUDA"
+    )
+
+
+# Looked up once: torch.compile cannot trace the dispatcher query.
+_CUDA_KERNELS = {op: _has_cuda_kernel(op) for op in ("layercam", "mask_priors")}
+
+
+def _choose_backend(op: str, t: Tensor, backend: KernelBackend) -> str:
+    if backend in ("torch", "triton"):
+        return backend
+    if backend == "cpp":
+        if not has_extension():
+            raise RuntimeError(f"{op}: backend='cpp' requested but fastxai._C is not loaded")
+        return "cpp"
+    if backend != "auto":
+        raise ValueError(
+            f"{op}: backend must be 'auto', 'cpp', 'triton' or 'torch', got {backend!r}"
+        )
+    if t.dtype not in _KERNEL_DTYPES:
+        return "torch"
+    if t.device.type == "cpu":
+        return "cpp" if has_extension() else "torch"
+    if t.device.type == "cuda":
+        return "cpp" if _CUDA_KERNELS[op] else "triton"
+    return "torch"
+
+
+def layercam(gradient: Tensor, activation: Tensor, *, backend: KernelBackend = "auto") -> Tensor:
+    r"""Layer-CAM's raw map :math:`M = \mathrm{ReLU}(\sum_k \mathrm{ReLU}(g_k) \odot A_k)`.
+
+    ``gradient`` (:math:`g = \partial y / \partial A`) and ``activation`` (:math:`A`) are
+    ``(N, C, h, w)`` of one dtype and device; returns ``(N, h, w)``. Fused: each input is read
+    once. Differentiable in both inputs, with :math:`G = \partial L/\partial M`:
+    :math:`\partial L/\partial g_k = G [M > 0] [g_k > 0] A_k` and
+    :math:`\partial L/\partial A_k = G [M > 0] \mathrm{ReLU}(g_k)`.
+    """
+    chosen = _choose_backend("layercam", gradient, backend)
+    if chosen == "cpp":
+        return torch.ops.fastxai.layercam(gradient, activation)
+    if chosen == "triton":
+        from fastxai.ops.triton.layercam import layercam_triton
+
+        return layercam_triton(gradient, activation)
+    return reference.layercam(gradient, activation)
+
+
+def mask_priors(p: Tensor, neighbours: int = 4, *, backend: KernelBackend = "auto") -> Tensor:
+    r"""Per-sample mask priors ``(N, 3)``: [area, binarisation, total variation] of ``p``.
+
+    For masks ``p`` of shape ``(N, C, H, W)`` (usually ``C = 1``), each a mean over the sample:
+    :math:`\overline{p}`, :math:`\overline{p (1 - p)}`, and
+    :math:`\overline{|p_{i+1,j} - p_{i,j}|} + \overline{|p_{i,j+1} - p_{i,j}|}`; ``neighbours=8``
+    adds the two diagonal directions' means, each weighted :math:`1/\sqrt2`. A direction without
+    pairs contributes 0. One read of ``p``; the backward is analytic (sign(0) = 0 for ``|.|``).
+    Per-sample terms, so callers weigh and reduce them (``torch.func.grad`` cannot see through
+    the custom op; use ``.backward()`` or ``torch.autograd.grad``).
+    """
+    chosen = _choose_backend("mask_priors", p, backend)
+    if chosen == "cpp":
+        return torch.ops.fastxai.mask_priors(p, neighbours)
+    if chosen == "triton":
+        from fastxai.ops.triton.mask_priors import mask_priors_triton
+
+        return mask_priors_triton(p, neighbours)
+    return reference.mask_priors(p, neighbours)
+
+
+def _register_cpp_ops() -> None:
+    """Fake kernels and autograd formulas of the C++ ops (which ``fastxai._C`` declares)."""
+
+    @torch.library.register_fake("fastxai::layercam")
+    def _layercam_fake(gradient: Tensor, activation: Tensor) -> Tensor:
+        torch._check(
+            gradient.dim() == 4,
+            lambda: f"layercam: gradient must be (N, C, h, w), got {gradient.dim()} dims",
+        )
+        return gradient.new_empty((gradient.shape[0], gradient.shape[2], gradient.shape[3]))
+
+    @torch.library.register_fake("fastxai::layercam_backward")
+    def _layercam_backward_fake(
+        grad_map: Tensor, gradient: Tensor, activation: Tensor, map: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return gradient.new_empty(gradient.shape), gradient.new_empty(gradient.shape)
+
+    @torch.library.register_fake("fastxai::mask_priors")
+    def _mask_priors_fake(p: Tensor, neighbours: int = 4) -> Tensor:
+        torch._check(
+            p.dim() == 4, lambda: f"mask_priors: p must be (N, C, H, W), got {p.dim()} dims"
+        )
+        torch._check(
+            neighbours in (4, 8),
+            lambda: f"mask_priors: neighbours must be 4 or 8, got {neighbours}",
+        )
+        return p.new_empty((p.shape[0], 3))
+
+    @torch.library.register_fake("fastxai::mask_priors_backward")
+    def _mask_priors_backward_fake(grad_terms: Tensor, p: Tensor, neighbours: int) -> Tensor:
+        return p.new_empty(p.shape)
+
+    def layercam_setup_context(ctx, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
+        ctx.save_for_backward(*inputs, output)
+
+    def layercam_backward(ctx, grad_map: Tensor) -> tuple[Tensor, Tensor]:
+        gradient, activation, saved_map = ctx.saved_tensors
+        return torch.ops.fastxai.layercam_backward(grad_map, gradient, activation, saved_map)
+
+    def mask_priors_setup_context(ctx, inputs: tuple[Tensor, int], output: Tensor) -> None:
+        p, neighbours = inputs
+        ctx.save_for_backward(p)
+        ctx.neighbours = neighbours
+
+    def mask_priors_backward(ctx, grad_terms: Tensor) -> tuple[Tensor, None]:
+        (p,) = ctx.saved_tensors
+        return torch.ops.fastxai.mask_priors_backward(grad_terms, p, ctx.neighbours), None
+
+    torch.library.register_autograd(
+        "fastxai::layercam", layercam_backward, setup_context=layercam_setup_context
+    )
+    torch.library.register_autograd(
+        "fastxai::mask_priors", mask_priors_backward, setup_context=mask_priors_setup_context
+    )
+
+
+if has_extension():
+    _register_cpp_ops()

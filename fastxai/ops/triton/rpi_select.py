@@ -1,0 +1,117 @@
+"""Triton kernel of TFT's epilogue ``rpi_select``, one program per image.
+
+For the image's ladder rows :math:`\\ell_{n,t}` (``(N * T, K)`` logits):
+:math:`p = \\exp(\\ell_c - m) / \\sum_j \\exp(\\ell_j - m)` with :math:`m = \\max_j \\ell_j` (two
+passes over the row, nothing of size K written), :math:`\\mathrm{RPI} = \\max(p - p^0, 0) / p^0`,
+and the first argmax over the T rows, -1 when it is not positive.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastxai.ops._tft_ops import check_select_inputs
+
+# Logits per load. The interpreter (CPU tensors) pays per step, so it gets large blocks.
+_GPU_BLOCK = 1024
+_INTERPRETER_BLOCK = 1 << 14
+
+
+@triton.jit
+def _divide(a, b, F64: tl.constexpr):
+    """a / b rounded as IEEE: Triton's float32 ``/`` may be approximate on GPUs, and ``div_rn``
+    takes float32 only."""
+    if F64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit(do_not_specialize=["thresholds", "classes"])
+def _rpi_select_kernel(
+    logits_ptr,
+    class_ptr,
+    original_ptr,
+    rpi_ptr,
+    index_ptr,
+    thresholds,
+    classes,
+    F64: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    dtype = logits_ptr.dtype.element_ty
+    target = tl.load(class_ptr + n)
+    original = tl.load(original_ptr + n)
+    best = tl.full([], float("-inf"), dtype)
+    best_t = tl.full([], 0, tl.int64)
+    for t in range(0, thresholds):
+        row = logits_ptr + (n * thresholds + t) * classes
+        row_max = tl.full([], float("-inf"), dtype)
+        for start in range(0, classes, BLOCK):
+            offset = start + tl.arange(0, BLOCK)
+            logit = tl.load(row + offset, mask=offset < classes, other=float("-inf"))
+            row_max = tl.maximum(row_max, tl.max(logit, axis=0))
+        total = tl.zeros([], dtype)
+        for start in range(0, classes, BLOCK):
+            offset = start + tl.arange(0, BLOCK)
+            logit = tl.load(row + offset, mask=offset < classes, other=float("-inf"))
+            total += tl.sum(tl.exp(logit - row_max), axis=0)
+        # An out-of-range class reads nothing and yields NaN (checked on the host for the CPU).
+        known = (target >= 0) & (target < classes)
+        target_logit = tl.load(row + target, mask=known, other=float("nan"))
+        probability = _divide(tl.exp(target_logit - row_max), total, F64)
+        increase = probability - original
+        rpi = _divide(tl.where(increase < 0, 0.0, increase), original, F64)
+        tl.store(rpi_ptr + n * thresholds + t, rpi)
+        # First maximum, NaN counting as the maximum (torch.argmax).
+        replaces = (rpi > best) | ((rpi != rpi) & (best == best)) | (t == 0)
+        best = tl.where(replaces, rpi, best)
+        best_t = tl.where(replaces, t, best_t)
+    tl.store(index_ptr + n, tl.where(best > 0, best_t, -1))
+
+
+@torch.library.custom_op("fastxai::rpi_select_triton", mutates_args=())
+def rpi_select_triton(logits: Tensor, classes: Tensor, original: Tensor) -> tuple[Tensor, Tensor]:
+    """RPI curve ``(N, T)`` and the selected threshold ``(N,)`` (-1: none) of ladder logits."""
+    thresholds = check_select_inputs("rpi_select", logits, classes, original)
+    n = classes.shape[0]
+    rpi = logits.new_empty((n, thresholds))
+    index = classes.new_empty((n,))
+    if n == 0:
+        return rpi, index
+    num_classes = logits.shape[1]
+    if classes.device.type == "cpu":
+        bad = (classes < 0) | (classes >= num_classes)
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0, 0])
+            raise RuntimeError(
+                f"rpi_select: classes[{first}] = {int(classes[first])} is out of range for "
+                f"{num_classes} classes"
+            )
+    cap = _INTERPRETER_BLOCK if logits.device.type == "cpu" else _GPU_BLOCK
+    block = min(cap, triton.next_power_of_2(max(num_classes, 1)))
+    _rpi_select_kernel[(n,)](
+        logits.contiguous(),
+        classes.contiguous(),
+        original.contiguous(),
+        rpi,
+        index,
+        thresholds,
+        num_classes,
+        F64=logits.dtype == torch.float64,
+        BLOCK=block,
+    )
+    return rpi, index
+
+
+@rpi_select_triton.register_fake
+def _rpi_select_triton_fake(
+    logits: Tensor, classes: Tensor, original: Tensor
+) -> tuple[Tensor, Tensor]:
+    thresholds = check_select_inputs("rpi_select", logits, classes, original)
+    n = classes.shape[0]
+    return logits.new_empty((n, thresholds)), classes.new_empty((n,))
