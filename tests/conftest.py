@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -51,3 +54,20 @@ def images():
         return torch.randn(n, 3, size, size, generator=g)
 
     return make
+
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_without_extension(script: str) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh interpreter with ``FASTXAI_DISABLE_EXT=1`` (the fallback path)."""
+    env = dict(os.environ, FASTXAI_DISABLE_EXT="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )

@@ -8,17 +8,13 @@ The reference is :func:`fastxai.ops.reference.scale_maps`:
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_without_extension
 
 import fastxai.ops as ops
 from fastxai.ops import reference
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Max absolute difference to the reference. Both sides round differently (the kernel blends
 # columns then rows; ATen's CPU kernel contracts into FMAs or sums four products), and the final
@@ -233,15 +229,6 @@ print("fallback ok")
 
 
 def test_fallback_without_extension():
-    env = dict(os.environ, FASTXAI_DISABLE_EXT="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, "-c", _FALLBACK_SCRIPT],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_without_extension(_FALLBACK_SCRIPT)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "fallback ok" in result.stdout

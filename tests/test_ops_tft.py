@@ -17,18 +17,14 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_without_extension
 
 import fastxai.ops as ops
 from fastxai.ops import reference
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ATOL = {torch.float32: 1e-6, torch.float64: 1e-12}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 HAS_GPU = torch.cuda.is_available()
@@ -586,15 +582,6 @@ print("fallback ok")
 
 
 def test_fallback_without_extension():
-    env = dict(os.environ, FASTXAI_DISABLE_EXT="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, "-c", _FALLBACK_SCRIPT],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_without_extension(_FALLBACK_SCRIPT)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "fallback ok" in result.stdout
