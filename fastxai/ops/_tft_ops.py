@@ -327,63 +327,57 @@ def rpi_select(
     return reference.rpi_select(logits, classes, original)
 
 
+def tft_ladder_fake(
+    raw: Tensor, images: Tensor, thresholds: Tensor, threshold_mode: str, mask_kind: str
+) -> tuple[Tensor, Tensor]:
+    """Fake kernel of ``tft_ladder`` (C++ and Triton): the batch and the map, shapes only."""
+    check_ladder_inputs(
+        "tft_ladder", raw, images, thresholds, threshold_mode, mask_kind, at_input_resolution=False
+    )
+    n, channels, height, width = images.shape
+    masked = images.new_empty((n * thresholds.shape[0], channels, height, width))
+    return masked, images.new_empty((n, height, width))
+
+
+def tft_ladder_out_fake(
+    raw: Tensor,
+    images: Tensor,
+    thresholds: Tensor,
+    threshold_mode: str,
+    mask_kind: str,
+    out: Tensor,
+) -> Tensor:
+    """Fake kernel of ``tft_ladder_out`` (C++ and Triton): the map's shape."""
+    check_ladder_inputs(
+        "tft_ladder_out",
+        raw,
+        images,
+        thresholds,
+        threshold_mode,
+        mask_kind,
+        at_input_resolution=False,
+    )
+    check_ladder_out("tft_ladder_out", out, images, thresholds)
+    n, _, height, width = images.shape
+    return images.new_empty((n, height, width))
+
+
+def tft_mask_fake(
+    maps: Tensor, images: Tensor, thresholds: Tensor, threshold_mode: str, mask_kind: str
+) -> Tensor:
+    """Fake kernel of ``tft_mask`` (C++ and Triton): the batch's shape."""
+    check_ladder_inputs(
+        "tft_mask", maps, images, thresholds, threshold_mode, mask_kind, at_input_resolution=True
+    )
+    n, channels, height, width = images.shape
+    return images.new_empty((n * thresholds.shape[0], channels, height, width))
+
+
 def _register_cpp_fakes() -> None:
     """Fake kernels of the C++ ops (which ``fastxai._C`` declares); they have no backward."""
-
-    @torch.library.register_fake("fastxai::tft_ladder")
-    def _tft_ladder_fake(
-        raw: Tensor, images: Tensor, thresholds: Tensor, threshold_mode: str, mask_kind: str
-    ) -> tuple[Tensor, Tensor]:
-        check_ladder_inputs(
-            "tft_ladder",
-            raw,
-            images,
-            thresholds,
-            threshold_mode,
-            mask_kind,
-            at_input_resolution=False,
-        )
-        n, channels, height, width = images.shape
-        masked = images.new_empty((n * thresholds.shape[0], channels, height, width))
-        return masked, images.new_empty((n, height, width))
-
-    @torch.library.register_fake("fastxai::tft_ladder_out")
-    def _tft_ladder_out_fake(
-        raw: Tensor,
-        images: Tensor,
-        thresholds: Tensor,
-        threshold_mode: str,
-        mask_kind: str,
-        out: Tensor,
-    ) -> Tensor:
-        check_ladder_inputs(
-            "tft_ladder_out",
-            raw,
-            images,
-            thresholds,
-            threshold_mode,
-            mask_kind,
-            at_input_resolution=False,
-        )
-        check_ladder_out("tft_ladder_out", out, images, thresholds)
-        n, _, height, width = images.shape
-        return images.new_empty((n, height, width))
-
-    @torch.library.register_fake("fastxai::tft_mask")
-    def _tft_mask_fake(
-        maps: Tensor, images: Tensor, thresholds: Tensor, threshold_mode: str, mask_kind: str
-    ) -> Tensor:
-        check_ladder_inputs(
-            "tft_mask",
-            maps,
-            images,
-            thresholds,
-            threshold_mode,
-            mask_kind,
-            at_input_resolution=True,
-        )
-        n, channels, height, width = images.shape
-        return images.new_empty((n * thresholds.shape[0], channels, height, width))
+    torch.library.register_fake("fastxai::tft_ladder")(tft_ladder_fake)
+    torch.library.register_fake("fastxai::tft_ladder_out")(tft_ladder_out_fake)
+    torch.library.register_fake("fastxai::tft_mask")(tft_mask_fake)
 
     @torch.library.register_fake("fastxai::rpi_select")
     def _rpi_select_fake(

@@ -20,7 +20,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastxai.ops._tft_ops import check_ladder_inputs, check_ladder_out
+from fastxai.ops._tft_ops import (
+    check_ladder_inputs,
+    check_ladder_out,
+    tft_ladder_fake,
+    tft_ladder_out_fake,
+    tft_mask_fake,
+)
 
 MINMAX_EPS = 1e-7
 
@@ -302,14 +308,7 @@ def tft_mask_triton(
     return out
 
 
-@tft_mask_triton.register_fake
-def _tft_mask_triton_fake(
-    maps: Tensor, images: Tensor, thresholds: Tensor, threshold_mode: str, mask_kind: str
-) -> Tensor:
-    check_ladder_inputs(
-        "tft_mask", maps, images, thresholds, threshold_mode, mask_kind, at_input_resolution=True
-    )
-    return _new_batch(images, thresholds)
+tft_mask_triton.register_fake(tft_mask_fake)
 
 
 @torch.library.custom_op("fastxai::tft_ladder_triton", mutates_args=())
@@ -326,15 +325,7 @@ def tft_ladder_triton(
     return out, maps
 
 
-@tft_ladder_triton.register_fake
-def _tft_ladder_triton_fake(
-    raw: Tensor, images: Tensor, thresholds: Tensor, threshold_mode: str, mask_kind: str
-) -> tuple[Tensor, Tensor]:
-    check_ladder_inputs(
-        "tft_ladder", raw, images, thresholds, threshold_mode, mask_kind, at_input_resolution=False
-    )
-    n, _, height, width = images.shape
-    return _new_batch(images, thresholds), images.new_empty((n, height, width))
+tft_ladder_triton.register_fake(tft_ladder_fake)
 
 
 @torch.library.custom_op("fastxai::tft_ladder_out_triton", mutates_args=("out",))
@@ -362,24 +353,4 @@ def tft_ladder_out_triton(
     return maps
 
 
-@tft_ladder_out_triton.register_fake
-def _tft_ladder_out_triton_fake(
-    raw: Tensor,
-    images: Tensor,
-    thresholds: Tensor,
-    threshold_mode: str,
-    mask_kind: str,
-    out: Tensor,
-) -> Tensor:
-    check_ladder_inputs(
-        "tft_ladder_out",
-        raw,
-        images,
-        thresholds,
-        threshold_mode,
-        mask_kind,
-        at_input_resolution=False,
-    )
-    check_ladder_out("tft_ladder_out", out, images, thresholds)
-    n, _, height, width = images.shape
-    return images.new_empty((n, height, width))
+tft_ladder_out_triton.register_fake(tft_ladder_out_fake)
