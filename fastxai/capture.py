@@ -154,6 +154,11 @@ class LayerSplit:
         cloned = [c.clone() if isinstance(c, Tensor) else c for c in carry]
         return self._suffix(activation.clone(), *cloned)
 
+    def suffix_on_owned(self, activation: Tensor, *carry: Any) -> Tensor:
+        """:meth:`suffix` without the defensive clones, for inputs the caller built for this call
+        (Ablation-CAM's ablated copies): the network may overwrite them."""
+        return self._suffix(activation, *carry)
+
 
 _SPLIT_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[tuple, LayerSplit | None]]]
 _SPLIT_CACHE = weakref.WeakKeyDictionary()

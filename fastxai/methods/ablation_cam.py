@@ -32,12 +32,15 @@ def ablation_scores(cap: LayerCapture, batch_size: int | None = None) -> Tensor:
                 f"({type(carried).__name__}); choose another layer for Ablation-CAM"
             )
     with torch.inference_mode():
+        # One buffer for every chunk's ablated copies: a fresh allocation per chunk costs page
+        # faults comparable to the suffix itself at small layers.
+        buffer = a.new_empty((min(rows, n * c), *a.shape[1:]))
         for start in range(0, n * c, rows):
             index = torch.arange(start, min(start + rows, n * c), device=a.device)
             image, channel = index // c, index % c
-            ablated = a[image]
+            ablated = torch.index_select(a, 0, image, out=buffer[: len(index)])
             ablated[torch.arange(len(index), device=a.device), channel] = 0
-            logits = cap.split.suffix(ablated, *[t[image] for t in cap.carry])
+            logits = cap.split.suffix_on_owned(ablated, *[t[image] for t in cap.carry])
             scores[start : start + len(index)] = cap.targets.scores(logits, image)
     return scores.view(n, c)
 
