@@ -1,4 +1,4 @@
-"""The ``fastxai`` command: ``demo``, ``explain`` and ``bench``.
+"""The ``fastxai`` command: ``demo``, ``explain``, ``bench`` and ``aft``.
 
 Bad input (a missing image, an unknown method, model or layer) prints one line on stderr and
 exits with status 2; missing optional packages exit with status 1.
@@ -52,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = OneLineParser(prog=PROG, description="CAM-family explanations for PyTorch models.")
     commands = parser.add_subparsers(
-        dest="command", required=True, metavar="{demo,explain,bench}", parser_class=OneLineParser
+        dest="command",
+        required=True,
+        metavar="{demo,explain,bench,aft}",
+        parser_class=OneLineParser,
     )
 
     demo = commands.add_parser("demo", help="explain EfficientNet-Lite0 on sample photos")
@@ -133,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "bench", help="run benchmarks/cam_methods.py; every later argument is passed on to it"
     )
+    from fastxai.aft.cli import add_parser as add_aft_parser
+
+    add_aft_parser(commands)
     return parser
 
 
@@ -329,7 +335,18 @@ def run_bench_command(args: argparse.Namespace) -> int:
     return subprocess.run(command, env=env, check=False).returncode
 
 
-COMMANDS = {"demo": run_demo_command, "explain": run_explain_command, "bench": run_bench_command}
+def run_aft_command(args: argparse.Namespace) -> int:
+    from fastxai.aft.cli import run
+
+    return run(args)
+
+
+COMMANDS = {
+    "demo": run_demo_command,
+    "explain": run_explain_command,
+    "bench": run_bench_command,
+    "aft": run_aft_command,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
