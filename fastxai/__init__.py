@@ -4,8 +4,13 @@ Functional API: ``fastxai.gradcam(model, x, layer, targets=None, *, tft=False)``
 ``cam``, ``gradcampp``, ``xgradcam``, ``layercam``, ``hirescam``, ``eigencam``, ``ablationcam``
 and ``scorecam``; each returns an :class:`Explanation` of tensors on ``x``'s device.
 pytorch-grad-cam compatible classes live in :mod:`fastxai.compat`.
+
+Sharing Ratio Decomposition: ``fastxai.srd(model, x, targets=None, rule="contrastive")``,
+``srd_erf``, ``apop`` and ``apop_agreement`` (torchvision ResNets and VGGs). Activation
+fine-tuning: :mod:`fastxai.aft`. Atomic, resumable result shards: :mod:`fastxai.io`.
 """
 
+from fastxai.decomposition import apop, apop_agreement, srd, srd_erf
 from fastxai.explanation import Explanation
 from fastxai.methods import (
     METHODS,
@@ -28,6 +33,8 @@ __all__ = [
     "METHODS",
     "Explanation",
     "ablationcam",
+    "apop",
+    "apop_agreement",
     "cam",
     "eigencam",
     "gradcam",
@@ -36,6 +43,8 @@ __all__ = [
     "hirescam",
     "layercam",
     "scorecam",
+    "srd",
+    "srd_erf",
     "tft",
     "xgradcam",
 ]

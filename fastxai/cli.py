@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
+from fastxai.decomposition.cli import SRD_METHOD
 from fastxai.methods import METHODS
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--methods",
         nargs="+",
-        choices=list(METHODS),
+        choices=[*METHODS, SRD_METHOD],
         default=list(DEMO_METHODS),
         metavar="METHOD",
         help=f"default: {' '.join(DEMO_METHODS)}",
@@ -95,10 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("images", nargs="+", metavar="IMAGE")
     explain.add_argument(
         "--method",
-        choices=list(METHODS),
+        choices=[*METHODS, SRD_METHOD],
         default="gradcam",
         metavar="NAME",
-        help=f"one of {', '.join(METHODS)} (default: %(default)s)",
+        help=f"one of {', '.join([*METHODS, SRD_METHOD])} (default: %(default)s); srd needs a "
+        "torchvision ResNet or VGG, e.g. --model resnet50 --weights FILE",
     )
     explain.add_argument(
         "--out", default="fastxai-out", help="output folder (default: %(default)s)"
@@ -247,10 +249,15 @@ def explain_image(path: Path, loaded: LoadedModel, layer: str, args: argparse.Na
     target = top1 if args.target is None else args.target
     if not 0 <= target < logits.shape[1]:
         raise CliError(f"--target: {target} is not a class index in [0, {logits.shape[1]})")
+    if args.method == SRD_METHOD:
+        from fastxai.decomposition.cli import explain_with_srd as method
+    else:
+        method = METHODS[args.method]
     try:
-        explanation = METHODS[args.method](loaded.model, x, layer, target)
+        explanation = method(loaded.model, x, layer, target)
     except (ValueError, TypeError) as exc:
         raise CliError(f"--method {args.method} at --layer {layer}: {exc}") from exc
+    where = "the whole network" if args.method == SRD_METHOD else layer
     display = crop_and_resize(image)
     picture = overlay(display, explanation.maps[0].detach().cpu().numpy())
     written = save_png(picture, Path(args.out) / f"{path.stem}_{args.method}.png")
@@ -263,7 +270,7 @@ def explain_image(path: Path, loaded: LoadedModel, layer: str, args: argparse.Na
         )
     print(
         f"{path}: top-1 {top1} {class_name(loaded.class_names, top1)!r} p={probability:.3f}"
-        f"; {args.method} for class {target} at {layer} -> {written}"
+        f"; {args.method} for class {target} at {where} -> {written}"
     )
     if args.tft:
         explain_tft(path, loaded, x, explanation, target, logits, display, args)
@@ -315,6 +322,11 @@ def run_explain_command(args: argparse.Namespace) -> int:
     image_paths = [Path(p) for p in args.images]
     _check_image_paths(image_paths)  # before the model loads
     loaded = _load_model_for_cli(args.model, args.weights)
+    if args.method == SRD_METHOD:
+        from fastxai.decomposition.cli import unsupported_model_message
+
+        if message := unsupported_model_message(loaded.model, args.model):
+            raise CliError(message)
     layer = _choose_layer(args.model, loaded.model, args.layer)
     for path in image_paths:
         explain_image(path, loaded, layer, args)

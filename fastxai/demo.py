@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fastxai import ops, thresholding
+from fastxai.decomposition.cli import DEMO_SKIP_MESSAGE, SRD_METHOD
 from fastxai.explanation import Explanation
 from fastxai.methods import METHODS
 from fastxai.models import (
@@ -91,7 +92,7 @@ def check_demo_arguments(
     methods: Sequence[str], photos: Sequence[str], per_channel_photos: int | None
 ) -> tuple[list[str], list[str]]:
     """Validated, de-duplicated ``(methods, photos)``; ValueError names the bad argument."""
-    methods = _check_names("methods", methods, list(METHODS))
+    methods = _check_names("methods", methods, [*METHODS, SRD_METHOD])
     photos = _check_names("photos", photos, sorted(available_photos()))
     if per_channel_photos is not None and per_channel_photos < 0:
         raise ValueError(f"per-channel-photos must be >= 0, got {per_channel_photos}")
@@ -304,6 +305,8 @@ def run_demo(
     """
     methods, photos = check_demo_arguments(methods, photos, per_channel_photos)
     say: Callable[[str], None] = (lambda _line: None) if quiet else print
+    # SRD decomposes ResNets and VGGs only: say so rather than show a map of another model.
+    methods = [m for m in methods if m != SRD_METHOD]
     target_dir = Path(out_dir)
     layers = {m: method_layers.get(m, layer) for m in methods}
     exceptions = "".join(f", {m} at {lay!r}" for m, lay in layers.items() if lay != layer)
@@ -335,6 +338,7 @@ def run_demo(
         )
     written = [p for result in results.values() for p in result["paths"].values()]
     say(f"wrote {len(written)} PNGs to {target_dir}")
+    say(DEMO_SKIP_MESSAGE)
     return {
         "out_dir": str(target_dir),
         "kernel": ops.extension_status(),

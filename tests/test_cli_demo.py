@@ -138,6 +138,38 @@ def test_explain_writes_an_overlay_and_prints_the_models_top1(
     assert np.abs(written.astype(int) - cropped.astype(int)).mean() > 10
 
 
+def test_explain_with_srd_writes_the_map_of_fastxai_srd(
+    resnet18_state_dict: tuple[Path, nn.Module],
+    photo: tuple[Path, np.ndarray],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from fastxai import srd
+    from fastxai.viz import overlay
+
+    weights, model = resnet18_state_dict
+    image_path, image = photo
+    argv = ["explain", str(image_path), "--model", "resnet18", "--weights", str(weights)]
+    status, stdout, stderr = run_cli([*argv, "--method", "srd", "--out", str(tmp_path)], capsys)
+    assert status == 0, stderr
+    assert "at the whole network" in stdout
+    expected = srd(model, reference_imagenet_input(image)).maps[0].numpy()
+    display = np.asarray(
+        Image.fromarray(image).crop((16, 0, 112, 96)).resize((224, 224), Image.Resampling.BILINEAR)
+    )
+    written = read_png(tmp_path / "photo_srd.png").astype(int)
+    assert np.abs(written - overlay(display, expected).astype(int)).max() <= 2
+
+
+def test_explain_with_srd_on_efficientnet_exits_2_naming_the_model(
+    photo: tuple[Path, np.ndarray], capsys: pytest.CaptureFixture[str]
+) -> None:
+    status, _, stderr = run_cli(["explain", str(photo[0]), "--method", "srd"], capsys)
+    assert status == 2
+    assert "--method srd" in stderr and "efficientnet-lite0" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
 def test_explain_with_an_unknown_method_exits_2_naming_the_argument(
     photo: tuple[Path, np.ndarray], capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,0 +1,200 @@
+"""CPU time and peak memory of SRD against one forward plus one backward to the input.
+
+For each batch size, ``fastxai.srd(model, x)`` (contrastive rule, top-1 class, fast form) and
+the *floor* run interleaved (A B A B ...): the floor is one forward and one backward of the top-1
+logits to the input with every parameter frozen (``requires_grad_(False)`` on a private copy of the
+model, so no parameter gradients are formed). The ratio is the median over rounds of
+``srd / floor`` in the same round, over the rounds where both samples had both threads (CPU time
+>= 1.7 x wall time; all rounds when none did); milliseconds are medians over the same rounds.
+Each sample records
+``os.getloadavg()[0]`` and process CPU time over wall time (about 2 when both threads ran).
+
+Peak memory: each contender runs in a fresh interpreter with ``MALLOC_MMAP_THRESHOLD_=65536``, so
+every block of 64 KiB or more is its own mapping and goes back to the kernel when torch frees it
+(RSS then follows the live tensors instead of glibc's retained heap). After the model and input
+are built and one warm-up call has run, the RSS high-water mark is reset
+(``/proc/self/clear_refs``) and ``VmHWM`` after one more call minus ``VmRSS`` before it is the
+reported peak: the most memory the call held at once beyond what was already resident (the model,
+the input). torch's CPU allocator keeps no statistics of its own, and ``tracemalloc`` does not
+see its allocations.
+
+Run ``python benchmarks/srd.py [--model resnet50] [--size 224] [--batches 1 8] [--repeats 5]``;
+``--quick`` is 3 repeats. Progress goes to stderr, the Markdown table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from fastxai.decomposition import srd  # noqa: E402
+
+THREADS = 2
+TARGET_RATIO = 3.0
+TRUST = 1.7  # a 2-thread sample counts only if CPU time >= 1.7 x wall time (both threads ran)
+
+
+def build_model(name: str) -> nn.Module:
+    """Random-weight torchvision model in eval mode with non-trivial BatchNorm statistics."""
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(name, weights=None, num_classes=1000)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                c = module.num_features
+                module.running_mean.copy_(0.1 * torch.randn(c, generator=generator))
+                module.running_var.copy_(0.5 + torch.rand(c, generator=generator))
+    return model.eval()
+
+
+def contenders(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], Any]]:
+    frozen = copy.deepcopy(model).requires_grad_(False)
+
+    def floor() -> torch.Tensor:
+        leaf = x.detach().requires_grad_(True)
+        logits = frozen(leaf)
+        score = logits.gather(1, logits.argmax(1, keepdim=True)).sum()
+        (grad,) = torch.autograd.grad(score, leaf)
+        return grad
+
+    def run_srd() -> torch.Tensor:
+        return srd(model, x).maps
+
+    return {"floor": floor, "srd": run_srd}
+
+
+def time_once(fn: Callable[[], Any]) -> dict[str, float]:
+    gc.collect()
+    load = os.getloadavg()[0]
+    cpu0, wall0 = time.process_time(), time.perf_counter()
+    fn()
+    wall1, cpu1 = time.perf_counter(), time.process_time()
+    wall = wall1 - wall0
+    return {"wall": wall, "cpu_per_wall": (cpu1 - cpu0) / wall, "load": load}
+
+
+def time_interleaved(model: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, Any]:
+    fns = contenders(model, x)
+    for fn in fns.values():
+        fn()  # warm-up
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sample = time_once(fn)
+            samples[name].append(sample)
+            print(f"  {name}: {1e3 * sample['wall']:.0f} ms, cpu/wall "
+                  f"{sample['cpu_per_wall']:.2f}, load {sample['load']:.2f}", file=sys.stderr)
+    # Rounds where both samples had both threads; every round when there is none.
+    pairs = list(zip(samples["srd"], samples["floor"], strict=True))
+    kept = [(s, f) for s, f in pairs if min(s["cpu_per_wall"], f["cpu_per_wall"]) >= TRUST]
+    kept = kept or pairs
+    ratios = [s["wall"] / f["wall"] for s, f in kept]
+    samples = {"srd": [s for s, _ in kept], "floor": [f for _, f in kept]}
+    return {
+        name: {
+            "ms": 1e3 * statistics.median(s["wall"] for s in runs),
+            "cpu_per_wall": statistics.median(s["cpu_per_wall"] for s in runs),
+            "load": statistics.median(s["load"] for s in runs),
+        }
+        for name, runs in samples.items()
+    } | {"ratio": statistics.median(ratios), "rounds": f"{len(kept)}/{len(pairs)}"}
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def probe_memory(name: str, model_name: str, size: int, batch: int) -> None:
+    """In this (fresh) process: peak RSS increase of one call of contender ``name``, as JSON."""
+    torch.set_num_threads(THREADS)
+    model = build_model(model_name)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    fn = contenders(model, x)[name]
+    fn()
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _status_kb("VmRSS")
+    fn()
+    peak = _status_kb("VmHWM")
+    print(json.dumps({"peak_mb": (peak - before) / 1024}))
+
+
+def measure_memory(name: str, model_name: str, size: int, batch: int) -> float | None:
+    command = [sys.executable, __file__, "--probe", name, "--model", model_name,
+               "--size", str(size), "--batches", str(batch)]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+    if done.returncode != 0:
+        print(f"  memory probe {name} failed: {done.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+    return float(json.loads(done.stdout.strip().splitlines()[-1])["peak_mb"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="3 repeats")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
+    parser.add_argument("--probe", choices=["floor", "srd"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        probe_memory(args.probe, args.model, args.size, args.batches[0])
+        return
+    torch.set_num_threads(THREADS)
+    repeats = 3 if args.quick else args.repeats
+    model = build_model(args.model)
+    print(f"SRD benchmark: {args.model} {args.size}x{args.size}, {THREADS} threads, "
+          f"repeats {repeats}, load at start {os.getloadavg()[0]:.2f}", file=sys.stderr)
+    rows = []
+    for batch in args.batches:
+        x = torch.randn(batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+        print(f"batch {batch}", file=sys.stderr)
+        timing = time_interleaved(model, x, repeats)
+        memory = {} if args.no_memory else {
+            name: measure_memory(name, args.model, args.size, batch) for name in ("floor", "srd")
+        }
+        rows.append((batch, timing, memory))
+
+    def mb(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
+    print(f"| model | batch | floor ms | srd ms | srd / floor (target <= {TARGET_RATIO:g}) "
+          "| trusted rounds | cpu/wall floor, srd | load | peak MB floor | peak MB srd |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for batch, t, m in rows:
+        floor, ours = t["floor"], t["srd"]
+        print(
+            f"| {args.model} {args.size} | {batch} | {floor['ms']:.0f} | {ours['ms']:.0f} "
+            f"| {t['ratio']:.2f}x | {t['rounds']} "
+            f"| {floor['cpu_per_wall']:.2f}, {ours['cpu_per_wall']:.2f} "
+            f"| {ours['load']:.2f} | {mb(m.get('floor'))} | {mb(m.get('srd'))} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
