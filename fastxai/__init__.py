@@ -7,11 +7,13 @@ pytorch-grad-cam compatible classes live in :mod:`fastxai.compat`.
 
 Sharing Ratio Decomposition: ``fastxai.srd(model, x, targets=None, rule="contrastive")``,
 ``srd_erf``, ``apop`` and ``apop_agreement`` (torchvision ResNets and VGGs). Activation
-fine-tuning: :mod:`fastxai.aft`. Atomic, resumable result shards: :mod:`fastxai.io`.
+fine-tuning: :mod:`fastxai.aft`. ``fastxai.activation_matching(model, x)`` trains a minimal
+binary mask per image (Activation Matching). Atomic, resumable result shards: :mod:`fastxai.io`.
 """
 
 from fastxai.decomposition import apop, apop_agreement, srd, srd_erf
 from fastxai.explanation import Explanation
+from fastxai.matching import activation_matching
 from fastxai.methods import (
     METHODS,
     ablationcam,
@@ -33,6 +35,7 @@ __all__ = [
     "METHODS",
     "Explanation",
     "ablationcam",
+    "activation_matching",
     "apop",
     "apop_agreement",
     "cam",

@@ -170,6 +170,33 @@ def test_explain_with_srd_on_efficientnet_exits_2_naming_the_model(
     assert len(stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--tft"], "--tft"), (["--am-steps", "0"], "--am-steps")],
+)
+def test_explain_with_am_rejects_bad_options_naming_them(
+    photo: tuple[Path, np.ndarray],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    extra: list[str],
+    message: str,
+) -> None:
+    argv = [
+        "explain",
+        str(photo[0]),
+        "--model",
+        "resnet18",
+        "--method",
+        "am",
+        "--out",
+        str(tmp_path),
+    ]
+    status, _, stderr = run_cli([*argv, *extra], capsys)
+    assert status == 2
+    assert message in stderr and len(stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("*_am.png"))
+
+
 def test_explain_with_an_unknown_method_exits_2_naming_the_argument(
     photo: tuple[Path, np.ndarray], capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -283,7 +310,12 @@ def test_run_demo_on_one_photo_writes_the_pngs(efficientnet: LoadedModel, tmp_pa
     from fastxai.demo import run_demo
 
     result = run_demo(
-        tmp_path / "demo", methods=("gradcam",), quiet=True, photos=("chelsea",), tft=False
+        tmp_path / "demo",
+        methods=("gradcam",),
+        quiet=True,
+        photos=("chelsea",),
+        tft=False,
+        am_steps=0,
     )
     chelsea = result["photos"]["chelsea"]
     assert chelsea["top1_index"] in IMAGENET_CAT_CLASSES
@@ -371,7 +403,9 @@ def test_run_demo_with_tft_returns_the_tau_of_a_direct_tft(
     from fastxai.demo import run_demo
     from fastxai.models import EFFICIENTNET_LITE0_LAYER
 
-    result = run_demo(tmp_path / "demo", methods=("gradcam",), quiet=True, photos=("chelsea",))
+    result = run_demo(
+        tmp_path / "demo", methods=("gradcam",), quiet=True, photos=("chelsea",), am_steps=0
+    )
     chelsea = result["photos"]["chelsea"]
     assert set(chelsea["paths"]) == {"original", "gradcam", "gradcam_tft", "rpi", "grid"}
     assert sorted(result["paths"]) == sorted(chelsea["paths"].values())

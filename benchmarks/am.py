@@ -1,0 +1,194 @@
+"""Activation Matching speed: ``fastxai.activation_matching`` against a straightforward loop.
+
+resnet18 (random weights, randomised BatchNorm statistics) at 224, the default schedule
+(U-Net width 32, depth 4, Adam 5e-5, one N(0, 1) background). The straightforward loop trains
+the same generator from the same seed with the same noise, but recomputes the targets phi(x) and
+f(x) every step, runs e and the noisy copy through the classifier in separate forwards and
+computes the loss terms eagerly (pure-PyTorch mask priors), as the authors' notebook does.
+
+Runs are interleaved (A B A B ...), each ``--steps`` long after a warm-up that compiles; the
+medians of seconds per step are extrapolated to the 880-step schedule. Prints the load average
+and process CPU time / wall time beside each figure. ``--full`` also runs one full 880-step
+schedule of each and compares the final losses.
+
+    flock /tmp/fastxai-bench.lock .venv/bin/python benchmarks/am.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import Tensor, nn
+
+from fastxai.matching import LossWeights, activation_matching
+from fastxai.matching.api import DEFAULT_LR, DEFAULT_STEPS
+from fastxai.matching.features import default_layers, feature_extractor
+from fastxai.matching.generator import (
+    generator_logits,
+    init_generator_params,
+    straight_through_mask,
+)
+from fastxai.matching.losses import TERMS, activation_loss, ce_loss, kl_loss
+from fastxai.matching.trainer import sample_backgrounds
+from fastxai.ops import reference
+
+
+def resnet18() -> nn.Module:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(weights=None)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.copy_(0.1 * torch.randn(module.num_features, generator=g))
+                module.running_var.copy_(0.5 + torch.rand(module.num_features, generator=g))
+    return model.eval()
+
+
+def straightforward_loop(model: nn.Module, x: Tensor, steps: int, seed: int) -> Tensor:
+    """One image, the notebook's way. Returns the per-step terms ``(steps, len(TERMS))``."""
+    layers = default_layers(model, x)
+    extractor = feature_extractor(model, [layer.name for layer in layers])
+    for p in extractor.parameters():
+        p.requires_grad_(False)
+    params = init_generator_params([seed])
+    for t in params.values():
+        t.requires_grad_(True)
+    optimiser = torch.optim.Adam(list(params.values()), lr=DEFAULT_LR)
+    noise_rng = [torch.Generator().manual_seed(seed)]
+    weights = LossWeights().as_tensor(x)
+    alphas = [layer.weight for layer in layers]
+    distances = [layer.distance for layer in layers]
+    history = torch.empty(steps, len(TERMS))
+    for step in range(steps):
+        noise = sample_backgrounds(("normal",), x, noise_rng)[:, 0]
+        with torch.no_grad():
+            target_logits, *target_features = extractor(x)
+        y = target_logits.argmax(1)
+        p = torch.sigmoid(generator_logits(params, x))
+        m = straight_through_mask(p)
+        e = m * x
+        logits_e, *features_e = extractor(e)
+        logits_r, *_ = extractor(m * x + (1 - m) * noise)
+        priors = reference.mask_priors(p, 4)[0]
+        terms = torch.stack(
+            [
+                activation_loss(target_features, features_e, alphas, distances)[0],
+                kl_loss(target_logits, logits_e, 2.0)[0],
+                F.cross_entropy(logits_e, y),
+                priors[0],
+                priors[1],
+                priors[2],
+                ce_loss(logits_r, y)[0],
+                torch.zeros(()),
+            ]
+        )
+        total = (terms * weights).sum()
+        optimiser.zero_grad(set_to_none=True)
+        total.backward()
+        optimiser.step()
+        history[step] = terms.detach()
+    return history
+
+
+def timed(fn) -> tuple[float, float, object]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return time.perf_counter() - wall, time.process_time() - cpu, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=40, help="steps per timed run")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved A B rounds")
+    parser.add_argument("--batch", type=int, default=1, help="images per fastxai call")
+    parser.add_argument("--full", action="store_true", help="also one 880-step run of each")
+    parser.add_argument(
+        "--generator-precision",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="fastxai's U-Net precision (the loop always runs float32)",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = resnet18()
+    x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    weights = LossWeights().as_tensor(x)
+
+    def ours(steps: int) -> Tensor:
+        ex = activation_matching(
+            model, x, steps=steps, progress=False, generator_precision=args.generator_precision
+        )
+        return torch.stack([ex.extras["loss_history"][t] for t in TERMS], 2)  # (S, N, T)
+
+    print(
+        f"torch {torch.__version__}, threads {args.threads}, batch {args.batch}, "
+        f"generator {args.generator_precision}"
+    )
+    _, _, _ = timed(lambda: ours(2))  # compiles (cached in TORCHINDUCTOR_CACHE_DIR)
+    rows: dict[str, list[tuple[float, float, tuple[float, ...]]]] = {"fastxai": [], "loop": []}
+    finals = {"fastxai": [], "loop": []}
+    for _ in range(args.rounds):
+        for name in ("fastxai", "loop"):
+            load = os.getloadavg()
+            if name == "fastxai":
+                wall, cpu, hist = timed(lambda: ours(args.steps))
+                per_image = wall / args.steps / args.batch
+                finals[name].append(float((hist[-1, 0] * weights).sum()))
+            else:
+                wall, cpu, hist = timed(lambda: straightforward_loop(model, x[:1], args.steps, 0))
+                per_image = wall / args.steps
+                finals[name].append(float((hist[-1] * weights).sum()))
+            rows[name].append((per_image, cpu / wall, load))
+            print(
+                f"  {name:8s} {per_image * 1e3:7.1f} ms/step/image  cpu/wall {cpu / wall:.2f}  "
+                f"load {load[0]:.2f}",
+                flush=True,
+            )
+    med = {k: statistics.median(r[0] for r in v) for k, v in rows.items()}
+    print(
+        f"median s/step/image: fastxai {med['fastxai']:.4f}, loop {med['loop']:.4f}; "
+        f"speed-up {med['loop'] / med['fastxai']:.2f}x"
+    )
+    print(
+        f"extrapolated s/image at {DEFAULT_STEPS} steps: "
+        f"fastxai {med['fastxai'] * DEFAULT_STEPS:.0f}"
+        f", loop {med['loop'] * DEFAULT_STEPS:.0f}"
+    )
+    # A pair is trusted only when both of its runs had their threads (cpu/wall near --threads).
+    clean = [
+        (a[0], b[0])
+        for a, b in zip(rows["fastxai"], rows["loop"], strict=True)
+        if min(a[1], b[1]) >= 0.9 * args.threads
+    ]
+    if clean:
+        print(
+            f"pairs with cpu/wall >= {0.9 * args.threads:.1f}: {len(clean)}; median speed-up "
+            f"{statistics.median(b / a for a, b in clean):.2f}x"
+        )
+    print(
+        f"final loss after {args.steps} steps: fastxai {finals['fastxai']}, loop {finals['loop']}"
+    )
+    if args.full:
+        wall_a, cpu_a, hist_a = timed(lambda: ours(DEFAULT_STEPS))
+        wall_b, cpu_b, hist_b = timed(lambda: straightforward_loop(model, x[:1], DEFAULT_STEPS, 0))
+        final_a = float((hist_a[-1, 0] * weights).sum())
+        final_b = float((hist_b[-1] * weights).sum())
+        print(
+            f"full {DEFAULT_STEPS} steps: fastxai {wall_a / args.batch:.0f} s/image (cpu/wall "
+            f"{cpu_a / wall_a:.2f}), loop {wall_b:.0f} s (cpu/wall {cpu_b / wall_b:.2f}); "
+            f"speed-up {wall_b / (wall_a / args.batch):.2f}x; final loss fastxai {final_a:.4f}, "
+            f"loop {final_b:.4f} ({100 * abs(final_a - final_b) / abs(final_b):.2f}% apart); "
+            f"load {os.getloadavg()[0]:.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Amortised Activation Matching: one generator trained over many images, which then explains a
+new image in a single forward pass (no per-image training).
+
+Training minimises the mean over a mini-batch of the per-image loss of
+:func:`fastxai.activation_matching` (same terms, weights and straight-through mask), with the one
+generator's weights shared by every image. Beyond the paper (it trains per image).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fastxai._checks import check_images, check_model
+from fastxai.explanation import Explanation
+from fastxai.matching.api import check_options, compute_targets, finish_explanation
+from fastxai.matching.features import MatchedLayer, feature_extractor, normalise_layers
+from fastxai.matching.generator import GeneratorParams, init_generator_params
+from fastxai.matching.losses import TERMS, LossWeights
+from fastxai.matching.trainer import (
+    StepConfig,
+    compiled_step_terms,
+    first_non_finite,
+    sample_backgrounds,
+    step_terms,
+)
+from fastxai.targets import resolve_targets
+
+
+@dataclass
+class AmortisedExplainer:
+    """A trained shared generator. ``explain(x)`` gives :func:`activation_matching`'s
+    :class:`Explanation` for new images from one generator forward (its ``loss_history`` is
+    empty; the training history ``(steps, len(TERMS))``, batch means, is ``history``)."""
+
+    model: nn.Module
+    params: GeneratorParams
+    layers: list[MatchedLayer]
+    weights: LossWeights
+    history: Tensor
+
+    def explain(self, x: Tensor, targets: Any = None) -> Explanation:
+        check_model(self.model)
+        check_images(self.model, x)
+        images = x.detach()
+        extractor = feature_extractor(self.model, [layer.name for layer in self.layers])
+        target_logits, _ = compute_targets(extractor, images, self.layers)
+        labels = resolve_targets(targets, target_logits).classes
+        empty = images.new_zeros((0, images.shape[0], len(TERMS)), dtype=torch.float32)
+        return finish_explanation(
+            extractor,
+            self.params,
+            images,
+            target_logits,
+            labels,
+            empty,
+            self.weights,
+            self.layers,
+            None,
+        )
+
+
+def train_amortised(
+    model: nn.Module,
+    images: Tensor,
+    *,
+    steps: int = 2000,
+    batch_size: int = 8,
+    lr: float = 1e-4,
+    layers: Sequence[Any] | None = None,
+    weights: LossWeights | dict[str, float] | None = None,
+    seed: int = 0,
+    temperature: float = 2.0,
+    neighbours: int = 4,
+    backgrounds: Sequence[str] = ("normal",),
+    width: int = 32,
+    depth: int = 4,
+    compile: bool = True,
+    progress: bool = True,
+) -> AmortisedExplainer:
+    """Train one U-Net over ``images`` ``(M, C, H, W)`` (each explained for its top-1 class):
+    Adam on the mean per-image loss of a random mini-batch of ``batch_size`` images per step."""
+    from tqdm.auto import tqdm
+
+    check_model(model)
+    check_images(model, images, "images")
+    check_options(images, steps, lr, temperature, neighbours, backgrounds, width, depth, seed)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if images.shape[0] == 0:
+        raise ValueError("images: expected at least one image")
+    data = images.detach()
+    loss_weights = LossWeights.from_any(weights)
+    matched = normalise_layers(model, data, layers)
+    extractor = feature_extractor(model, [layer.name for layer in matched])
+    chunks = [compute_targets(extractor, part, matched) for part in data.split(batch_size)]
+    target_logits = torch.cat([c[0] for c in chunks])
+    target_features = [torch.cat(f) for f in zip(*(c[1] for c in chunks), strict=True)]
+    labels = target_logits.argmax(1)
+    params = init_generator_params(
+        [seed],
+        in_channels=data.shape[1],
+        width=width,
+        depth=depth,
+        device=data.device,
+        dtype=data.dtype,
+    )
+    for t in params.values():
+        t.requires_grad_(True)
+    config = StepConfig(
+        layer_weights=tuple(layer.weight for layer in matched),
+        distances=tuple(layer.distance for layer in matched),
+        temperature=float(temperature),
+        neighbours=neighbours,
+        with_necessity=loss_weights.nec > 0,
+    )
+    batch = min(batch_size, data.shape[0])
+    mean_weights = loss_weights.as_tensor(data) / batch
+    optimiser = torch.optim.Adam(list(params.values()), lr=lr)
+    rng = torch.Generator().manual_seed(seed)
+    noise_rng = [torch.Generator(device=data.device).manual_seed(seed + 1)] * batch
+    step_fn = compiled_step_terms if compile else step_terms
+    history = torch.empty((steps, 1, len(TERMS)))
+    order = torch.randperm(data.shape[0], generator=rng)
+    cursor = 0
+    for step in tqdm(range(steps), desc="amortised AM", disable=not progress, leave=False):
+        if cursor + batch > order.numel():
+            order, cursor = torch.randperm(data.shape[0], generator=rng), 0
+        index = order[cursor : cursor + batch].to(data.device)
+        cursor += batch
+        x = data[index]
+        noise = sample_backgrounds(tuple(backgrounds), x, noise_rng)
+        total, terms = step_fn(
+            params,
+            x,
+            noise,
+            target_logits[index],
+            [f[index] for f in target_features],
+            labels[index],
+            mean_weights,
+            extractor,
+            config,
+        )
+        optimiser.zero_grad(set_to_none=True)
+        total.backward()
+        history[step, 0] = terms.mean(0).cpu()
+        if (bad := first_non_finite(history, step, step + 1)) is not None:
+            raise FloatingPointError(
+                f"train_amortised: the {bad[2]!r} loss term is not finite at step {bad[0]}"
+            )
+        optimiser.step()
+    for t in params.values():
+        t.requires_grad_(False)
+    return AmortisedExplainer(model, params, matched, loss_weights, history[:, 0])

@@ -1,0 +1,152 @@
+"""The mask generator of SPEC §C.1: a U-Net per image, many images trained in one launch.
+
+Each image has its own generator. Their weights are stacked along a leading group axis ``G`` and
+every convolution runs as one grouped convolution (``groups=G``) over the images laid side by side
+in the channel axis, so ``G`` generators cost one kernel launch per layer. (``torch.func.vmap``
+would fall back to a loop over the custom ``mask_priors`` op; ARCHITECTURE.md §4.)
+
+Architecture (width ``w``, depth ``d``; the notebook's ``UNetCSAE`` is ``w = 32, d = 4``):
+encoder ``d`` DoubleConv stages ``3 -> w -> 2w -> ... -> 2^{d-1} w``, each followed by a 2x2 max
+pool; a DoubleConv bottleneck to ``2^d w``; ``d`` decoder stages of ConvTranspose2d(k=2, s=2)
+halving the channels, concatenation with the skip and a DoubleConv; a final 1x1 convolution to one
+channel of mask logits at input resolution. DoubleConv = (conv 3x3, pad 1, ReLU) twice. No
+normalisation, no dropout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# name -> stacked parameter (G, ...); ordered as created, so initialisation is reproducible.
+GeneratorParams = dict[str, Tensor]
+
+
+def _conv_shapes(in_channels: int, width: int, depth: int) -> list[tuple[str, str, int, int, int]]:
+    """(name, kind, in, out, kernel) of every layer, in forward order."""
+    layers: list[tuple[str, str, int, int, int]] = []
+    channels = in_channels
+    for level in range(depth):
+        out = width * 2**level
+        layers += [
+            (f"enc{level}.a", "conv", channels, out, 3),
+            (f"enc{level}.b", "conv", out, out, 3),
+        ]
+        channels = out
+    bottom = width * 2**depth
+    layers += [("mid.a", "conv", channels, bottom, 3), ("mid.b", "conv", bottom, bottom, 3)]
+    channels = bottom
+    for level in reversed(range(depth)):
+        out = width * 2**level
+        layers += [
+            (f"up{level}", "transpose", channels, out, 2),
+            (f"dec{level}.a", "conv", 2 * out, out, 3),
+            (f"dec{level}.b", "conv", out, out, 3),
+        ]
+        channels = out
+    layers.append(("head", "conv", channels, 1, 1))
+    return layers
+
+
+def init_generator_params(
+    seeds: list[int],
+    *,
+    in_channels: int = 3,
+    width: int = 32,
+    depth: int = 4,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> GeneratorParams:
+    """Stacked weights of ``len(seeds)`` U-Nets, generator ``g`` initialised from ``seeds[g]``.
+
+    Every weight and bias is drawn from :math:`U(-1/\\sqrt{\\mathrm{fan\\_in}}, 1/\\sqrt{
+    \\mathrm{fan\\_in}})`, PyTorch's default for ``nn.Conv2d`` and ``nn.ConvTranspose2d`` (whose
+    fan-in is ``out * k * k``). Drawing per seed makes generator ``g`` identical whether it is
+    trained alone or beside others.
+    """
+    if width < 1 or depth < 0:
+        raise ValueError(f"width must be >= 1 and depth >= 0, got width={width}, depth={depth}")
+    per_seed: list[dict[str, Tensor]] = []
+    for seed in seeds:
+        rng = torch.Generator().manual_seed(int(seed))
+        params: dict[str, Tensor] = {}
+        for name, kind, cin, cout, k in _conv_shapes(in_channels, width, depth):
+            shape = (cin, cout, k, k) if kind == "transpose" else (cout, cin, k, k)
+            bound = 1.0 / math.sqrt(shape[1] * k * k)
+            weight = torch.rand(shape, generator=rng, dtype=torch.float64) * 2 - 1
+            bias = torch.rand(cout, generator=rng, dtype=torch.float64) * 2 - 1
+            params[f"{name}.weight"] = weight * bound
+            params[f"{name}.bias"] = bias * bound
+        per_seed.append(params)
+    return {
+        name: torch.stack([p[name] for p in per_seed]).to(device=device, dtype=dtype)
+        for name in per_seed[0]
+    }
+
+
+def generator_depth(params: GeneratorParams) -> int:
+    """The depth ``d`` of stacked generator weights."""
+    return sum(1 for name in params if name.startswith("enc") and name.endswith(".a.weight"))
+
+
+def _conv(x: Tensor, params: GeneratorParams, name: str, relu: bool = True) -> Tensor:
+    """Grouped 2-D convolution of ``x`` ``(G, C, H, W)`` with generator ``g``'s weights on
+    image ``g``; 'same' padding."""
+    weight, bias = params[f"{name}.weight"], params[f"{name}.bias"]
+    groups, cout, cin, k, _ = weight.shape
+    height, width = x.shape[-2:]
+    if groups == 1:  # one generator, shared by every image of x (the amortised mode)
+        y = F.conv2d(x, weight[0], bias[0], padding=k // 2)
+        return F.relu(y) if relu else y
+    y = F.conv2d(
+        x.reshape(1, groups * cin, height, width),
+        weight.reshape(groups * cout, cin, k, k),
+        bias.reshape(groups * cout),
+        padding=k // 2,
+        groups=groups,
+    ).view(groups, cout, height, width)
+    return F.relu(y) if relu else y
+
+
+def _up(x: Tensor, params: GeneratorParams, name: str) -> Tensor:
+    """Grouped ConvTranspose2d(k=2, s=2): doubles the resolution."""
+    weight, bias = params[f"{name}.weight"], params[f"{name}.bias"]
+    groups, cin, cout, k, _ = weight.shape
+    height, width = x.shape[-2:]
+    if groups == 1:
+        return F.conv_transpose2d(x, weight[0], bias[0], stride=2)
+    y = F.conv_transpose2d(
+        x.reshape(1, groups * cin, height, width),
+        weight.reshape(groups * cin, cout, k, k),
+        bias.reshape(groups * cout),
+        stride=2,
+        groups=groups,
+    )
+    return y.view(groups, cout, 2 * height, 2 * width)
+
+
+def generator_logits(params: GeneratorParams, x: Tensor) -> Tensor:
+    """Mask logits ``(N, 1, H, W)``: of image ``x[g]`` under generator ``g`` (``N = G``), or of
+    every image under the one generator (``G = 1``). ``H`` and ``W`` must be divisible by
+    ``2^depth``."""
+    depth = generator_depth(params)
+    skips: list[Tensor] = []
+    h = x
+    for level in range(depth):
+        h = _conv(_conv(h, params, f"enc{level}.a"), params, f"enc{level}.b")
+        skips.append(h)
+        h = F.max_pool2d(h, 2)
+    h = _conv(_conv(h, params, "mid.a"), params, "mid.b")
+    for level in reversed(range(depth)):
+        h = torch.cat([_up(h, params, f"up{level}"), skips[level]], 1)
+        h = _conv(_conv(h, params, f"dec{level}.a"), params, f"dec{level}.b")
+    return _conv(h, params, "head", relu=False)
+
+
+def straight_through_mask(p: Tensor) -> Tensor:
+    """:math:`m = p + (1[p > 0.5] - p)` with the bracket detached: forward the hard mask,
+    backward the identity to ``p`` (the straight-through estimator)."""
+    return p + ((p > 0.5).to(p.dtype) - p).detach()

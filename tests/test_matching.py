@@ -1,0 +1,489 @@
+"""Activation Matching (SPEC.md §C): loss terms against the §C.8 reference, identities, batched
+training against one-by-one training, compilation, end to end, and bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastxai.matching import LossWeights, activation_matching, default_layers
+from fastxai.matching.features import feature_extractor
+from fastxai.matching.generator import (
+    generator_logits,
+    init_generator_params,
+    straight_through_mask,
+)
+from fastxai.matching.losses import TERMS, activation_loss, kl_loss, mask_prior_losses
+from fastxai.matching.trainer import StepConfig, step_terms
+from fastxai.ops import reference
+
+SIZE = 16  # tiny images: every test here runs in well under a second without compilation
+
+
+class TinyResNetLike(nn.Module):
+    """A 5-class CNN with ResNet's stage names (so the ResNet default layers apply)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True))
+        self.layer2 = nn.Sequential(nn.Conv2d(8, 12, 3, stride=2, padding=1), nn.ReLU())
+        self.layer3 = nn.Sequential(nn.Conv2d(12, 12, 3, padding=1), nn.ReLU())
+        self.layer4 = nn.Sequential(nn.Conv2d(12, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.relu(self.bn1(self.conv1(x)))
+        h = self.layer4(self.layer3(self.layer2(self.layer1(h))))
+        return self.fc(h.mean((2, 3)))
+
+
+def tiny_model(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = TinyResNetLike().eval().to(dtype)
+    with torch.no_grad():
+        model.bn1.running_mean.uniform_(-0.1, 0.1)
+        model.bn1.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+class WindowedNet(TinyResNetLike):
+    """Sees only the central 8 x 8 window of a 16 x 16 image: a classifier whose evidence is
+    known, so a minimal mask should keep (most of) the window and drop the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        window = torch.zeros(1, 1, SIZE, SIZE)
+        window[..., 4:12, 4:12] = 1
+        self.register_buffer("window", window)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x * self.window)
+
+
+def windowed_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = WindowedNet().eval()
+    with torch.no_grad():  # sharper logits, so the top-1 is a real decision
+        model.fc.weight.mul_(50)
+        model.fc.bias.zero_()
+    return model
+
+
+# Weights for 16 x 16 images and a width-8 generator trained at lr 3e-3 for a few hundred steps.
+TINY_WEIGHTS = {"tv": 5.0, "area": 15.0, "act": 5.0, "bin": 5.0}
+
+
+def tiny_images(n: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> Tensor:
+    return torch.randn(n, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+LAYERS = ("relu", "layer1", "layer2", "layer3", "layer4")
+ALPHA = (1.0, 2.0, 2.0, 4.0, 8.0)
+
+
+def reference_terms(
+    model: nn.Module, params: dict[str, Tensor], x: Tensor, noise: Tensor, neighbours: int
+) -> Tensor:
+    """SPEC §C.8 verbatim for one image (batch 1): the terms in TERMS order (nec = 0)."""
+    feats: dict[str, Tensor] = {}
+    hooks = [
+        model.get_submodule(name).register_forward_hook(
+            lambda _m, _i, out, name=name: feats.__setitem__(name, out.clone())
+        )
+        for name in LAYERS
+    ]
+    try:
+        p = torch.sigmoid(generator_logits(params, x))
+        m = p + ((p > 0.5).to(p.dtype) - p).detach()
+        e = m * x
+        with torch.no_grad():
+            zx = model(x)
+        ax = dict(feats)
+        ze = model(e)
+        ae = dict(feats)
+        y = zx.argmax(1)
+
+        def std(t: Tensor) -> Tensor:
+            return (t - t.mean((2, 3), keepdim=True)) / (t.std((2, 3), keepdim=True) + 1e-6)
+
+        def cos_ch(a: Tensor, b: Tensor) -> Tensor:
+            # the one deviation from the notebook: two zero vectors are identical (cosine 1)
+            both_zero = (a.abs().sum(1) == 0) & (b.abs().sum(1) == 0)
+            return torch.where(both_zero, 1.0, F.cosine_similarity(a, b, dim=1, eps=1e-8))
+
+        act = sum(
+            a
+            * (
+                1 - cos_ch(ax[name], ae[name]).mean()
+                if name in ("relu", "layer1")
+                else F.mse_loss(std(ax[name]), std(ae[name]))
+            )
+            for name, a in zip(LAYERS, ALPHA, strict=True)
+        )
+        t = 2.0
+        kl = F.kl_div(F.log_softmax(ze / t, 1), F.softmax(zx / t, 1), reduction="batchmean") * t**2
+        ce = F.cross_entropy(ze, y)
+        area, binar = p.mean(), (p * (1 - p)).mean()
+        tv = (p[..., 1:, :] - p[..., :-1, :]).abs().mean() + (
+            p[..., :, 1:] - p[..., :, :-1]
+        ).abs().mean()
+        if neighbours == 8:
+            tv = tv + (
+                (p[..., 1:, 1:] - p[..., :-1, :-1]).abs().mean()
+                + (p[..., 1:, :-1] - p[..., :-1, 1:]).abs().mean()
+            ) / math.sqrt(2)
+        rob = torch.stack(
+            [F.cross_entropy(model(m * x + (1 - m) * r[None]), y) for r in noise]
+        ).mean()
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.stack([act, kl, ce, area, binar, tv, rob, torch.zeros_like(act)])
+
+
+def _config(neighbours: int = 4, with_necessity: bool = False) -> StepConfig:
+    return StepConfig(
+        layer_weights=ALPHA,
+        distances=("cosine", "cosine", "std_mse", "std_mse", "std_mse"),
+        temperature=2.0,
+        neighbours=neighbours,
+        with_necessity=with_necessity,
+    )
+
+
+def _targets(extractor: nn.Module, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+    with torch.no_grad():
+        logits, *features = extractor(x)
+    return logits, features
+
+
+@pytest.mark.parametrize("neighbours", [4, 8])
+def test_terms_and_gradients_match_spec_reference(neighbours: int) -> None:
+    dtype = torch.float64
+    model, x = tiny_model(dtype), tiny_images(2, dtype)
+    params = init_generator_params([3, 4], width=4, depth=2, dtype=dtype)
+    with torch.no_grad():  # centre each image's logits so that about half its pixels are kept
+        params["head.bias"] -= generator_logits(params, x).flatten(1).median(1).values[:, None]
+    for t in params.values():
+        t.requires_grad_(True)
+    noise = torch.randn(
+        2, 2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(5), dtype=dtype
+    )
+    extractor = feature_extractor(model, LAYERS)
+    zx, ax = _targets(extractor, x)
+    weights = LossWeights().as_tensor(x)
+    total, terms = step_terms(
+        params, x, noise, zx, ax, zx.argmax(1), weights, extractor, _config(neighbours)
+    )
+    grads = torch.autograd.grad(total, list(params.values()))
+    for g in range(2):
+        single = {k: v[g : g + 1].detach().requires_grad_(True) for k, v in params.items()}
+        expected = reference_terms(model, single, x[g : g + 1], noise[g], neighbours)
+        torch.testing.assert_close(terms[g], expected.detach(), rtol=1e-9, atol=1e-11)
+        expected_grads = torch.autograd.grad((expected * weights).sum(), list(single.values()))
+        for got, want in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(got[g : g + 1], want, rtol=1e-7, atol=1e-10)
+    # the masks are neither trivial nor degenerate, so every term is exercised
+    assert (terms[:, :3] > 0).all() and (terms[:, 5:7] > 0).all()
+    assert not any(p.grad is not None for p in model.parameters())
+
+
+def test_straight_through_gradient_is_the_gradient_of_p() -> None:
+    p = torch.rand(2, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 1, 5, 5, dtype=torch.float64)
+    m = straight_through_mask(p)
+    torch.testing.assert_close(m, (p > 0.5).double())
+    (grad,) = torch.autograd.grad((m * upstream).sum(), p)
+    torch.testing.assert_close(grad, upstream)
+
+
+def test_mask_priors_match_reference_and_vanish_on_binary_and_constant_masks() -> None:
+    p = torch.rand(3, 1, 7, 9, dtype=torch.float64, requires_grad=True)
+    for neighbours in (4, 8):
+        got = mask_prior_losses(p, neighbours)
+        want = reference.mask_priors(p, neighbours)
+        torch.testing.assert_close(got, want)
+        (g_got,) = torch.autograd.grad(got.sum(), p)
+        (g_want,) = torch.autograd.grad(want.sum(), p)
+        torch.testing.assert_close(g_got, g_want)
+    binary = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    assert binary.sum() > 0
+    assert torch.equal(mask_prior_losses(binary, 4)[:, 1], torch.zeros(2))
+    constant = torch.full((2, 1, 8, 8), 0.3)
+    for neighbours in (4, 8):
+        assert torch.equal(mask_prior_losses(constant, neighbours)[:, 2], torch.zeros(2))
+    assert mask_prior_losses(binary, 4)[:, 2].min() > 0
+
+
+def test_activation_and_kl_terms_vanish_when_the_mask_keeps_everything() -> None:
+    model, x = tiny_model(), tiny_images(2)
+    params = init_generator_params([0, 1], width=4, depth=2)
+    params["head.bias"].fill_(50.0)  # p ~ 1 everywhere, so m = 1 and e = x
+    extractor = feature_extractor(model, LAYERS)
+    zx, ax = _targets(extractor, x)
+    noise = torch.zeros(2, 0, 3, SIZE, SIZE)
+    _, terms = step_terms(
+        params, x, noise, zx, ax, zx.argmax(1), LossWeights().as_tensor(x), extractor, _config()
+    )
+    act, kl = terms[:, TERMS.index("act")], terms[:, TERMS.index("kl")]
+    assert act.abs().max() < 1e-5 and kl.abs().max() < 1e-5
+    # and both are clearly positive for a different image
+    other = tiny_images(2, seed=7)
+    _, other_features = _targets(extractor, other)
+    assert (activation_loss(other_features, ax, list(ALPHA), list(_config().distances)) > 0.1).all()
+    shifted = zx + torch.randn(zx.shape, generator=torch.Generator().manual_seed(3))
+    assert (kl_loss(zx, shifted, 2.0) > 1e-2).all()
+
+
+def test_default_layers_resnet_and_stage_models() -> None:
+    chosen = default_layers(tiny_model(), tiny_images(1))
+    assert [(c.name, c.weight, c.distance) for c in chosen] == [
+        ("relu", 1.0, "cosine"),
+        ("layer1", 2.0, "cosine"),
+        ("layer2", 2.0, "std_mse"),
+        ("layer3", 4.0, "std_mse"),
+        ("layer4", 8.0, "std_mse"),
+    ]
+    blocks = nn.Sequential(
+        nn.Conv2d(3, 4, 3, stride=2, padding=1),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1),
+        nn.Flatten(),
+    )
+    model = nn.Sequential(blocks, nn.LazyLinear(3)) if False else _StageNet(blocks)
+    chosen = default_layers(model, tiny_images(1))
+    # the last block at each resolution, finest first: 8x8 -> blocks.1, 4x4 -> .2, 2x2 -> .3
+    assert [c.name for c in chosen] == ["blocks.1", "blocks.2", "blocks.3"]
+    assert [c.distance for c in chosen] == ["cosine", "cosine", "std_mse"]
+
+
+class _StageNet(nn.Module):
+    def __init__(self, blocks: nn.Sequential) -> None:
+        super().__init__()
+        self.blocks = blocks
+        self.fc = nn.Linear(16, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.blocks(x))
+
+
+def _run(model: nn.Module, x: Tensor, steps: int, seed: int = 0, **kw) -> object:
+    options = dict(width=4, depth=2, lr=3e-3, compile=False, progress=False)
+    options.update(kw)
+    return activation_matching(model, x, steps=steps, seed=seed, **options)
+
+
+def test_batched_generators_agree_with_one_by_one_training() -> None:
+    model, x = windowed_model(), tiny_images(3)
+    options = dict(width=8, weights=TINY_WEIGHTS)
+    together = _run(model, x, steps=5, **options)
+    for n in range(3):
+        alone = _run(model, x[n : n + 1], steps=5, seed=n, **options)
+        for term in TERMS:
+            torch.testing.assert_close(
+                together.extras["loss_history"][term][:, n],
+                alone.extras["loss_history"][term][:, 0],
+                rtol=0,
+                atol=1e-5,
+            )
+        torch.testing.assert_close(
+            together.extras["soft_mask"][n], alone.extras["soft_mask"][0], rtol=0, atol=1e-5
+        )
+    # Over many steps float32 rounding differences between grouped and single convolutions grow
+    # where p hovers at 0.5 (the straight-through threshold) and flip pixels; in float64 the
+    # two trainings stay within ~1e-12 of each other.
+    model, x = model.double(), x.double()
+    long_together = _run(model, x, steps=150, **options)
+    for n in range(3):
+        alone = _run(model, x[n : n + 1], steps=150, seed=n, **options).mask[0]
+        both = long_together.mask[n]
+        assert 0 < both.sum() < both.numel()  # a real mask, not all or nothing
+        iou = (both & alone).sum() / (both | alone).sum()
+        assert iou >= 0.99
+
+
+def test_end_to_end_loss_falls_mask_gets_sparse_top1_kept() -> None:
+    model, x = windowed_model(), tiny_images(3)
+    ex = _run(model, x, steps=200, width=8, weights=TINY_WEIGHTS)
+    total = ex.extras["loss_history"]["total"]
+    assert (total[-10:].mean(0) < 0.9 * total[:10].mean(0)).all()
+    assert ex.mask.shape == (3, SIZE, SIZE) and ex.mask.dtype == torch.bool
+    assert (ex.extras["kept_fraction"] < 0.35).all()
+    inside = ex.mask[:, 4:12, 4:12].float().mean((1, 2))
+    outside = (ex.mask.sum((1, 2)) - ex.mask[:, 4:12, 4:12].sum((1, 2))) / (SIZE**2 - 64)
+    assert (inside > 0.6).all() and (outside < 0.1).all()
+    assert ex.extras["top1_kept"].all()
+    torch.testing.assert_close(ex.extras["explanation"], ex.mask[:, None] * x)
+    torch.testing.assert_close(ex.extras["kept_fraction"], ex.mask.float().mean((1, 2)))
+    torch.testing.assert_close(
+        ex.extras["prob_e"],
+        model(ex.extras["explanation"]).softmax(1).gather(1, ex.targets[:, None])[:, 0],
+    )
+
+
+def test_deterministic_with_a_seed_and_the_model_and_input_untouched() -> None:
+    model, x = tiny_model(), tiny_images(2)
+    x.requires_grad_(True)
+    before_x = x.detach().clone()
+    before_state = {k: v.clone() for k, v in model.state_dict().items()}
+    first, second = _run(model, x, steps=8), _run(model, x, steps=8)
+    assert torch.equal(first.extras["soft_mask"], second.extras["soft_mask"])
+    assert torch.equal(
+        first.extras["loss_history"]["total"], second.extras["loss_history"]["total"]
+    )
+    other = _run(model, x, steps=8, seed=1)
+    assert not torch.equal(first.extras["soft_mask"], other.extras["soft_mask"])
+    assert torch.equal(x.detach(), before_x) and x.grad is None
+    assert not model.training
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, before_state[k]) for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class _NaNWhenMasked(TinyResNetLike):
+    """Finite on the photo, NaN once a pixel is exactly zero (a masked-out pixel)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) + 0 * torch.log(x.abs().amin((1, 2, 3)))[:, None]
+
+
+def test_nan_term_stops_with_an_error_naming_it() -> None:
+    torch.manual_seed(0)
+    model, x = _NaNWhenMasked().eval(), tiny_images(1)
+    with pytest.raises(FloatingPointError, match="'kl' loss term is not finite at step"):
+        _run(model, x, steps=30)
+
+
+def test_bad_input_names_the_argument_and_leaves_the_model_alone() -> None:
+    model, x = tiny_model(), tiny_images(1)
+    cases = [
+        (dict(steps=0), ValueError, "steps"),
+        (dict(lr=-1.0), ValueError, "lr"),
+        (dict(neighbours=6), ValueError, "neighbours"),
+        (dict(backgrounds=("pink",)), ValueError, "backgrounds"),
+        (dict(weights={"area": -1.0}), ValueError, "weights"),
+        (dict(weights={"size": 1.0}), ValueError, "unknown terms"),
+        (dict(targets=7), ValueError, "targets"),
+        (dict(targets=lambda out: out[0]), TypeError, "targets"),
+        (dict(layers=["nope"]), ValueError, "nope"),
+        (dict(depth=5), ValueError, "divisible"),
+        (dict(generator_precision="fp8"), ValueError, "generator_precision"),
+    ]
+    for options, error, message in cases:
+        kw = dict(steps=2)
+        kw.update(options)
+        with pytest.raises(error, match=message):
+            _run(model, x, **kw)
+    with pytest.raises(ValueError, match="x must have shape"):
+        _run(model, x[0], steps=2)
+    with pytest.raises(ValueError, match="NaN"):
+        _run(model, torch.full_like(x, float("nan")), steps=2)
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert not model.training
+
+
+def test_step_compiles_without_graph_breaks_and_aot_backward_matches_eager() -> None:
+    model, x = tiny_model(), tiny_images(2)
+    params = init_generator_params([0, 1], width=4, depth=2)
+    for t in params.values():
+        t.requires_grad_(True)
+    extractor = feature_extractor(model, LAYERS)
+    zx, ax = _targets(extractor, x)
+    noise = torch.randn(2, 1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+    args = (params, x, noise, zx, ax, zx.argmax(1), LossWeights().as_tensor(x), extractor)
+    explained = torch._dynamo.explain(step_terms)(*args, _config(with_necessity=True))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    # fullgraph=True and AOTAutograd (the 'aot_eager' backend: the joint forward-backward graph
+    # without Inductor's code generation, which takes tens of seconds on a CPU)
+    torch._dynamo.reset()
+    compiled = torch.compile(step_terms, fullgraph=True, backend="aot_eager")
+    total, terms = compiled(*args, _config(with_necessity=True))
+    total.backward()
+    got = [t.grad.clone() for t in params.values()]
+    for t in params.values():
+        t.grad = None
+    eager_total, eager_terms = step_terms(*args, _config(with_necessity=True))
+    eager_total.backward()
+    torch.testing.assert_close(terms, eager_terms)
+    for g, t in zip(got, params.values(), strict=True):
+        torch.testing.assert_close(g, t.grad)
+    assert (terms[:, TERMS.index("nec")] >= 0).all()
+
+
+def test_summary_line_and_overlay(tmp_path) -> None:
+    from fastxai.matching.present import am_line, explain_and_draw
+
+    model, x = windowed_model(), tiny_images(1)
+    display = torch.randint(0, 256, (SIZE, SIZE, 3), dtype=torch.uint8).numpy()
+    options = dict(width=8, depth=2, lr=3e-3, compile=False, weights=TINY_WEIGHTS)
+    ex, summary, path = explain_and_draw(
+        model, x, display, tmp_path / "am.png", steps=40, progress=False, **options
+    )
+    assert path.is_file() and path.stat().st_size > 0
+    assert summary["kept"] == pytest.approx(float(ex.mask.float().mean()))
+    assert summary["steps"] == 40 and summary["top1_kept"] == bool(ex.extras["top1_kept"][0])
+    line = am_line(summary, ["a", "b", "c", "d", "e"])
+    assert line.startswith("AM 40/880 steps: kept ")
+    assert f"{100 * summary['kept']:.1f}%" in line and f"{summary['p_e']:.3f}" in line
+    flipped = {**summary, "top1_kept": False, "top1_x": 0, "top1_e": 3}
+    assert am_line(flipped, ["a", "b", "c", "d", "e"]).endswith("top-1 changed 'a' -> 'd'")
+
+
+def test_amortised_generator_explains_held_out_images_in_one_pass() -> None:
+    from fastxai.matching.amortised import train_amortised
+
+    model = windowed_model()
+    explainer = train_amortised(
+        model,
+        tiny_images(16, seed=1),
+        steps=200,
+        batch_size=8,
+        lr=3e-3,
+        width=8,
+        depth=2,
+        weights=TINY_WEIGHTS,
+        compile=False,
+        progress=False,
+    )
+    history = explainer.history @ LossWeights(**TINY_WEIGHTS).as_tensor(explainer.history)
+    assert history[-10:].mean() < 0.7 * history[:10].mean()
+    held_out = tiny_images(4, seed=2)
+    ex = explainer.explain(held_out)
+    inside = ex.mask[:, 4:12, 4:12].float().mean((1, 2))
+    outside = (ex.mask.sum((1, 2)) - ex.mask[:, 4:12, 4:12].sum((1, 2))) / (SIZE**2 - 64)
+    assert (inside > 0.8).all() and (outside < 0.05).all()
+    assert ex.extras["top1_kept"].all()
+    torch.testing.assert_close(ex.extras["explanation"], ex.mask[:, None] * held_out)
+
+
+def test_demo_photo_writes_the_panel_and_says_the_schedule_was_reduced(tmp_path) -> None:
+    from fastxai.matching.present import demo_photo
+    from fastxai.models import LoadedModel, imagenet_preprocess
+
+    loaded = LoadedModel(tiny_model(), imagenet_preprocess, ["a", "b", "c", "d", "e"])
+    rgb = torch.randint(0, 256, (240, 260, 3), dtype=torch.uint8).numpy()
+    lines: list[str] = []
+    result = demo_photo(
+        loaded,
+        rgb,
+        "noise",
+        tmp_path,
+        lines.append,
+        steps=2,
+        width=4,
+        depth=2,
+        compile=False,
+        progress=False,
+    )
+    assert (tmp_path / "noise_am.png").is_file() and result["path"].endswith("noise_am.png")
+    assert "reduced from the default 880" in lines[0] and "2 steps" in lines[0]
+    assert lines[1].strip().startswith("AM 2/880 steps: kept")
+    assert 0.0 <= result["kept"] <= 1.0 and result["steps"] == 2
