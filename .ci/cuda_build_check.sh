@@ -45,6 +45,7 @@ missing = [
     op
     for op in (
         "fastxai::scale_maps",
+        "fastxai::fuse_maps",
         "fastxai::layercam",
         "fastxai::layercam_backward",
         "fastxai::mask_priors",

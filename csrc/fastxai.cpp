@@ -26,6 +26,10 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(fastxai, m) {
   m.def("scale_maps(Tensor raw, int height, int width) -> Tensor", {at::Tag::pt2_compliant_tag});
+  // Several layers' raw maps upsampled to (height, width) and fused; fusion is "mean" | "tanh".
+  m.def(
+      "fuse_maps(Tensor[] raws, int height, int width, str fusion) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
   m.def("layercam(Tensor gradient, Tensor activation) -> Tensor", {at::Tag::pt2_compliant_tag});
   m.def(
       "layercam_backward(Tensor grad_map, Tensor gradient, Tensor activation, Tensor map) -> "

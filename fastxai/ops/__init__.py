@@ -80,5 +80,6 @@ def scale_maps(raw: Tensor, size: tuple[int, int], *, backend: Backend = "auto")
 
 
 # Last: these front doors call has_extension() above.
+from fastxai.ops._fuse_maps import fuse_maps  # noqa: E402, F401
 from fastxai.ops._layercam_priors import layercam, mask_priors  # noqa: E402, F401
 from fastxai.ops._tft_ops import rpi_select, tft_ladder, tft_mask  # noqa: E402, F401

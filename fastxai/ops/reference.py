@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,28 @@ def upsample_normalized(raw: Tensor, height: int, width: int) -> Tensor:
     return F.interpolate(low[:, None], size=(height, width), mode="bilinear", align_corners=False)[
         :, 0
     ]
+
+
+def fuse_maps(raws: Sequence[Tensor], height: int, width: int, fusion: str = "mean") -> Tensor:
+    r"""Several layers' raw maps ``(N, h_l, w_l)`` fused into one ``(N, height, width)`` map.
+
+    ``"mean"`` (pytorch-grad-cam): :math:`\mathrm{mm}(\tfrac1L \sum_l \mathrm{relu}(\mathrm{up}(
+    \mathrm{mm}(\mathrm{relu}(r_l)))))`. ``"tanh"`` (Layer-CAM paper, Eq. 9): with
+    :math:`M_l = \mathrm{mm}(\mathrm{up}(\mathrm{mm}(\mathrm{relu}(r_l))))` (:func:`scale_maps`),
+    :math:`\mathrm{mm}(\max_l \tanh(2 M_l / \max(\max M_l, 10^{-7})))`, the outer maximum
+    element-wise. Differentiable; a NaN anywhere in an image's maps makes its fused map NaN.
+    """
+    if not raws:
+        raise ValueError("fuse_maps: raws must hold at least one map")
+    if fusion == "mean":
+        stacked = torch.stack([upsample_normalized(r, height, width) for r in raws], 1)
+        return minmax(stacked.clamp_min(0).mean(1))
+    if fusion == "tanh":
+        per_layer = [scale_maps(r, height, width) for r in raws]
+        peaks = [m.flatten(1).amax(1).clamp_min(MINMAX_EPS)[:, None, None] for m in per_layer]
+        scaled = torch.stack([torch.tanh(2 * m / p) for m, p in zip(per_layer, peaks, strict=True)])
+        return minmax(scaled.amax(0))
+    raise ValueError(f"fusion must be 'mean' or 'tanh', got {fusion!r}")
 
 
 def layercam(gradient: Tensor, activation: Tensor) -> Tensor:

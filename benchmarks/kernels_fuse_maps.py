@@ -1,0 +1,68 @@
+"""CPU timings of the fused ``fuse_maps`` kernel against the eager PyTorch reference.
+
+Rows (float32, ``torch.set_num_threads(2)``): ``fastxai.ops.fuse_maps(raws, (224, 224), fusion)``
+for N = 8 images and three layers' raw maps of 56, 28 and 14 px (a ResNet's layer1..3 at 224),
+``"mean"`` and ``"tanh"`` fusion, against :func:`fastxai.ops.reference.fuse_maps` (per layer
+ReLU, min-max and ``F.interpolate``, the ``(N, L, H, W)`` stack, then the fusion and min-max).
+
+Timing as in ``kernels_cam_priors.py``: contenders interleaved in rotating order after one warm-up
+each, medians, ``speed-up`` the median over rounds of ``eager / fused`` in the same round, only
+trusted samples (CPU time >= 0.85 x threads x wall) when there are any.
+
+Run ``PYTHONPATH=. python benchmarks/kernels_fuse_maps.py [--repeats R] [--threads T]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from kernels_cam_priors import THREADS, _interleaved, _summarise, markdown
+
+import fastxai.ops as ops
+from fastxai.ops import reference
+
+N = 8
+LAYER_SIZES = (56, 28, 14)
+SIZE = (224, 224)
+
+
+def _fuse_rows(repeats: int, fusion: str) -> list[dict]:
+    generator = torch.Generator().manual_seed(2)
+    raws = [torch.randn(N, s, s, generator=generator) for s in LAYER_SIZES]
+    fused = ops.fuse_maps(raws, SIZE, fusion)
+    torch.testing.assert_close(fused, reference.fuse_maps(raws, *SIZE, fusion), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        samples = _interleaved(
+            {
+                "fused": lambda: ops.fuse_maps(raws, SIZE, fusion),
+                "eager reference": lambda: reference.fuse_maps(raws, *SIZE, fusion),
+            },
+            repeats,
+        )
+    sizes = "/".join(str(s) for s in LAYER_SIZES)
+    workload = f"fuse_maps {fusion}, N={N}, {sizes} -> {SIZE[0]}"
+    return _summarise(workload, samples, "fused", ["eager reference"])
+
+
+def run(repeats: int, threads: int = THREADS) -> list[dict]:
+    """Every row of the table: one dict per (workload, baseline) pair."""
+    torch.set_num_threads(threads)
+    return _fuse_rows(repeats, "mean") + _fuse_rows(repeats, "tanh")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--threads", type=int, default=THREADS)
+    args = parser.parse_args()
+    rows = run(args.repeats, args.threads)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"extension: {ops.extension_status()}\n"
+    )
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,134 @@
+"""Front door of ``fastxai::fuse_maps``, with the fake registration of its C++ op.
+
+Backends: ``"auto"`` runs the C++ kernel for CPU tensors when ``fastxai._C`` has it, the CUDA
+kernel for CUDA tensors when the extension was built with it and Triton otherwise, and the
+pure-PyTorch reference for anything else (other or mixed dtypes, other devices, maps that require
+grad: the kernels have no backward, the reference is differentiable). ``"cpp"``, ``"triton"`` and
+``"torch"`` force one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from fastxai.ops import has_extension, reference
+
+Backend = Literal["auto", "cpp", "triton", "torch"]
+Fusion = Literal["mean", "tanh"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+FUSIONS = ("mean", "tanh")
+
+# Looked up once: torch.compile cannot trace the dispatcher query. (An extension built before
+# this op existed loads without it.)
+_HAS_CPP_OP = has_extension() and hasattr(torch.ops.fastxai, "fuse_maps")
+_HAS_CUDA_KERNEL = _HAS_CPP_OP and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "fastxai::fuse_maps", "CUDA"
+)
+
+
+def _choose_backend(raws: Sequence[Tensor], backend: Backend) -> str:
+    if backend in ("torch", "triton"):
+        return backend
+    if backend == "cpp":
+        if not _HAS_CPP_OP:
+            raise RuntimeError("fuse_maps: backend='cpp' requested but fastxai._C does not have it")
+        return "cpp"
+    if backend != "auto":
+        raise ValueError(
+            f"fuse_maps: backend must be 'auto', 'cpp', 'triton' or 'torch', got {backend!r}"
+        )
+    first = raws[0]
+    if first.dtype not in _KERNEL_DTYPES or any(
+        r.dtype != first.dtype or r.device != first.device for r in raws
+    ):
+        return "torch"
+    if torch.is_grad_enabled() and any(r.requires_grad for r in raws):
+        return "torch"
+    if first.device.type == "cpu":
+        return "cpp" if _HAS_CPP_OP else "torch"
+    if first.device.type == "cuda":
+        return "cpp" if _HAS_CUDA_KERNEL else "triton"
+    return "torch"
+
+
+def fuse_maps(
+    raws: Sequence[Tensor],
+    size: tuple[int, int],
+    fusion: Fusion = "mean",
+    *,
+    backend: Backend = "auto",
+) -> Tensor:
+    r"""Several layers' raw maps ``(N, h_l, w_l)`` upsampled to ``size`` and fused: ``(N, H, W)``.
+
+    ``"mean"``: :math:`\mathrm{mm}(\tfrac1L \sum_l \mathrm{relu}(\mathrm{up}(\mathrm{mm}(
+    \mathrm{relu}(r_l)))))`; ``"tanh"``: :math:`\mathrm{mm}(\max_l \tanh(2 M_l / \max(\max M_l,
+    10^{-7})))` with :math:`M_l` the :func:`~fastxai.ops.scale_maps` of layer ``l``
+    (:func:`fastxai.ops.reference.fuse_maps`). The kernels write the output in one pass per image,
+    without the ``(N, L, H, W)`` stack of upsampled maps.
+    """
+    raws = list(raws)
+    if not raws:
+        raise ValueError("fuse_maps: raws must hold at least one map")
+    if fusion not in FUSIONS:
+        raise ValueError(f"fusion must be 'mean' or 'tanh', got {fusion!r}")
+    height, width = int(size[0]), int(size[1])
+    chosen = _choose_backend(raws, backend)
+    if chosen == "cpp":
+        return torch.ops.fastxai.fuse_maps(raws, height, width, fusion)
+    if chosen == "triton":
+        from fastxai.ops.triton.fuse_maps import fuse_maps_triton
+
+        return fuse_maps_triton(raws, height, width, fusion)
+    return reference.fuse_maps(raws, height, width, fusion)
+
+
+def check_fuse_maps_inputs(raws: Sequence[Tensor], height: int, width: int, fusion: str) -> None:
+    """The C++ kernels' argument checks (``csrc/include/fastxai/fuse_maps_checks.h``), for the
+    fake and Triton paths."""
+    torch._check(
+        fusion in FUSIONS, lambda: f"fuse_maps: fusion must be 'mean' or 'tanh', got '{fusion}'"
+    )
+    torch._check(len(raws) > 0, lambda: "fuse_maps: raws must hold at least one map")
+    torch._check(height > 0, lambda: f"fuse_maps: height must be positive, got {height}")
+    torch._check(width > 0, lambda: f"fuse_maps: width must be positive, got {width}")
+    for index, raw in enumerate(raws):
+        _check_map(index, raw, raws[0])
+
+
+def _check_map(index: int, raw: Tensor, first: Tensor) -> None:
+    torch._check(
+        raw.dim() == 3, lambda: f"fuse_maps: raws[{index}] must be (N, h, w), got {raw.dim()} dims"
+    )
+    torch._check(
+        raw.shape[0] == first.shape[0],
+        lambda: (
+            f"fuse_maps: every map needs the batch size of raws[0] ({first.shape[0]}), "
+            f"raws[{index}] has {raw.shape[0]}"
+        ),
+    )
+    torch._check(
+        raw.shape[1] > 0 and raw.shape[2] > 0,
+        lambda: (
+            f"fuse_maps: raws[{index}] maps must be non-empty, got (h, w) = "
+            f"({raw.shape[1]}, {raw.shape[2]})"
+        ),
+    )
+    torch._check(
+        raw.dtype == first.dtype and raw.device == first.device,
+        lambda: f"fuse_maps: every map needs the dtype and device of raws[0], raws[{index}]",
+    )
+
+
+def fuse_maps_fake(raws: list[Tensor], height: int, width: int, fusion: str) -> Tensor:
+    """Shape of ``fuse_maps``: ``(N, height, width)`` in the dtype and on the device of ``raws``."""
+    check_fuse_maps_inputs(raws, height, width, fusion)
+    return raws[0].new_empty((raws[0].shape[0], height, width))
+
+
+if _HAS_CPP_OP:
+    torch.library.register_fake("fastxai::fuse_maps")(fuse_maps_fake)
