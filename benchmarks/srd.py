@@ -101,8 +101,11 @@ def time_interleaved(model: nn.Module, x: torch.Tensor, repeats: int) -> dict[st
         for name, fn in fns.items():
             sample = time_once(fn)
             samples[name].append(sample)
-            print(f"  {name}: {1e3 * sample['wall']:.0f} ms, cpu/wall "
-                  f"{sample['cpu_per_wall']:.2f}, load {sample['load']:.2f}", file=sys.stderr)
+            print(
+                f"  {name}: {1e3 * sample['wall']:.0f} ms, cpu/wall "
+                f"{sample['cpu_per_wall']:.2f}, load {sample['load']:.2f}",
+                file=sys.stderr,
+            )
     # Rounds where both samples had both threads; every round when there is none.
     pairs = list(zip(samples["srd"], samples["floor"], strict=True))
     kept = [(s, f) for s, f in pairs if min(s["cpu_per_wall"], f["cpu_per_wall"]) >= TRUST]
@@ -142,8 +145,18 @@ def probe_memory(name: str, model_name: str, size: int, batch: int) -> None:
 
 
 def measure_memory(name: str, model_name: str, size: int, batch: int) -> float | None:
-    command = [sys.executable, __file__, "--probe", name, "--model", model_name,
-               "--size", str(size), "--batches", str(batch)]
+    command = [
+        sys.executable,
+        __file__,
+        "--probe",
+        name,
+        "--model",
+        model_name,
+        "--size",
+        str(size),
+        "--batches",
+        str(batch),
+    ]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
     if done.returncode != 0:
@@ -168,23 +181,33 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     repeats = 3 if args.quick else args.repeats
     model = build_model(args.model)
-    print(f"SRD benchmark: {args.model} {args.size}x{args.size}, {THREADS} threads, "
-          f"repeats {repeats}, load at start {os.getloadavg()[0]:.2f}", file=sys.stderr)
+    print(
+        f"SRD benchmark: {args.model} {args.size}x{args.size}, {THREADS} threads, "
+        f"repeats {repeats}, load at start {os.getloadavg()[0]:.2f}",
+        file=sys.stderr,
+    )
     rows = []
     for batch in args.batches:
         x = torch.randn(batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
         print(f"batch {batch}", file=sys.stderr)
         timing = time_interleaved(model, x, repeats)
-        memory = {} if args.no_memory else {
-            name: measure_memory(name, args.model, args.size, batch) for name in ("floor", "srd")
-        }
+        memory = (
+            {}
+            if args.no_memory
+            else {
+                name: measure_memory(name, args.model, args.size, batch)
+                for name in ("floor", "srd")
+            }
+        )
         rows.append((batch, timing, memory))
 
     def mb(value: float | None) -> str:
         return "-" if value is None else f"{value:.0f}"
 
-    print(f"| model | batch | floor ms | srd ms | srd / floor (target <= {TARGET_RATIO:g}) "
-          "| trusted rounds | cpu/wall floor, srd | load | peak MB floor | peak MB srd |")
+    print(
+        f"| model | batch | floor ms | srd ms | srd / floor (target <= {TARGET_RATIO:g}) "
+        "| trusted rounds | cpu/wall floor, srd | load | peak MB floor | peak MB srd |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for batch, t, m in rows:
         floor, ours = t["floor"], t["srd"]

@@ -8,7 +8,9 @@ pytorch-grad-cam compatible classes live in :mod:`fastxai.compat`.
 Sharing Ratio Decomposition: ``fastxai.srd(model, x, targets=None, rule="contrastive")``,
 ``srd_erf``, ``apop`` and ``apop_agreement`` (torchvision ResNets and VGGs). Activation
 fine-tuning: :mod:`fastxai.aft`. ``fastxai.activation_matching(model, x)`` trains a minimal
-binary mask per image (Activation Matching). Atomic, resumable result shards: :mod:`fastxai.io`.
+binary mask per image (Activation Matching). Many images: ``explain_stream`` (batches, progress
+bar) and ``explain_dataset`` (resumable shards, torchrun). Atomic, resumable result shards:
+:mod:`fastxai.io`.
 """
 
 from fastxai.decomposition import apop, apop_agreement, srd, srd_erf
@@ -27,6 +29,7 @@ from fastxai.methods import (
     xgradcam,
 )
 from fastxai.ops import has_extension
+from fastxai.stream import explain_dataset, explain_stream
 from fastxai.thresholding import tft
 
 __version__ = "0.1.0"
@@ -40,6 +43,8 @@ __all__ = [
     "apop_agreement",
     "cam",
     "eigencam",
+    "explain_dataset",
+    "explain_stream",
     "gradcam",
     "gradcampp",
     "has_extension",

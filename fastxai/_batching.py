@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
@@ -10,6 +12,12 @@ from torch import Tensor, nn
 # GPUs want large ones. The network's own activations come on top of this.
 PERTURBED_BATCH_BYTES = {"cpu": 5 * 2**20}
 PERTURBED_BATCH_BYTES_DEFAULT = 64 * 2**20
+
+
+def no_autograd() -> contextlib.AbstractContextManager[None]:
+    """``torch.inference_mode()`` in eager mode; ``torch.no_grad()`` under ``torch.compile``,
+    where Inductor cannot give inference tensors the version counters its graph needs."""
+    return torch.no_grad() if torch.compiler.is_compiling() else torch.inference_mode()
 
 
 def rows_per_batch(sample: Tensor, batch_size: int | None) -> int:
@@ -30,7 +38,7 @@ def class_probabilities(
     """Softmax probability of ``classes[i]`` for ``images[i]``, batched: ``(M,)`` float32."""
     rows = rows_per_batch(images, batch_size)
     out = []
-    with torch.inference_mode():
+    with no_autograd():
         for start in range(0, images.shape[0], rows):
             probs = torch.softmax(model(images[start : start + rows]).float(), dim=1)
             out.append(probs.gather(1, classes[start : start + rows, None])[:, 0])
@@ -40,7 +48,7 @@ def class_probabilities(
 def batched_logits(model: nn.Module, images: Tensor, batch_size: int | None = None) -> Tensor:
     """``model(images)`` in chunks of :func:`rows_per_batch` rows: ``(M, K)`` float32."""
     rows = rows_per_batch(images, batch_size)
-    with torch.inference_mode():
+    with no_autograd():
         out = [model(images[start : start + rows]).float() for start in range(0, len(images), rows)]
     if not out:
         raise ValueError("batched_logits: no images to evaluate")

@@ -1,4 +1,12 @@
-"""Input validation shared by every public function: clear errors that name the argument."""
+"""Input validation shared by every public function: clear errors that name the argument.
+
+Checks of shapes, dtypes and devices read only metadata and run everywhere. Checks that read
+tensor values (NaN/Inf in ``x`` or ``maps``, maps in [0, 1], the class range of tensor targets,
+thresholds given as a tensor) run in eager mode and are skipped under
+``torch.compiler.is_compiling()``: a branch on a value is a graph break, and a device-side assert
+would cost a synchronisation per call. Call the function once eagerly on representative input to
+validate it, then compile.
+"""
 
 from __future__ import annotations
 

@@ -160,17 +160,34 @@ class LayerSplit:
         return self._suffix(activation, *carry)
 
 
-_SPLIT_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[tuple, LayerSplit | None]]]
-_SPLIT_CACHE = weakref.WeakKeyDictionary()
+# Keyed by id(model), each entry removed by a weakref.finalize when its model dies (before the id
+# can be reused). A plain dict with an int key is what torch.compile guards cheaply and stably: a
+# WeakKeyDictionary makes Dynamo guard on the position of the model among its keys, which
+# changes whenever another model is collected.
+_SPLIT_CACHE: dict[int, dict[str, tuple[tuple, LayerSplit | None]]] = {}
 _SPLIT_LOCK = threading.Lock()
 _WARNED: set[tuple[int, str]] = set()
 
 
 def get_split(model: nn.Module, layer: str) -> LayerSplit | None:
     """The cached split of ``model`` at ``layer``, or ``None`` if torch.fx cannot trace it."""
+    if torch.compiler.is_compiling():
+        # Tracing cannot run torch.fx or take the lock: the split must exist already (built by
+        # an eager call or by prepare()). Dynamo guards on the modules, so no signature check.
+        cached = _SPLIT_CACHE.get(id(model), {}).get(layer)
+        if cached is None:
+            raise RuntimeError(
+                f"layer {layer!r}: the model is split at the layer on the first eager call; "
+                "call fastxai.capture.prepare(model, layer) (or the method once) outside "
+                "torch.compile, or use fastxai.nn.Explainer, which prepares at construction"
+            )
+        return cached[1]
     signature = _structure_signature(model)
     with _SPLIT_LOCK:
-        per_model = _SPLIT_CACHE.setdefault(model, {})
+        per_model = _SPLIT_CACHE.get(id(model))
+        if per_model is None:
+            per_model = _SPLIT_CACHE[id(model)] = {}
+            weakref.finalize(model, _SPLIT_CACHE.pop, id(model), None)
         cached = per_model.get(layer)
         if cached is not None and cached[0] == signature:
             return cached[1]
@@ -184,6 +201,16 @@ def get_split(model: nn.Module, layer: str) -> LayerSplit | None:
             split = _fallback(model, layer, exc)
         per_model[layer] = (signature, split)
         return split
+
+
+def prepare(model: nn.Module, layers: str | nn.Module | Sequence[str | nn.Module]) -> None:
+    """Build and cache the split of ``model`` at each layer now (eagerly).
+
+    Needed once before a ``torch.compile``'d call reaches a (model, layer) pair for the first
+    time: torch.fx tracing cannot run inside a compiled region.
+    """
+    for layer in layers if isinstance(layers, (list, tuple)) else [layers]:
+        get_split(model, resolve_layer(model, layer))
 
 
 def _fallback(model: nn.Module, layer: str, exc: Exception) -> None:

@@ -1,4 +1,4 @@
-"""The ``fastxai`` command: ``demo``, ``explain``, ``bench`` and ``aft``.
+"""The ``fastxai`` command: ``demo``, ``explain``, ``explain-dataset``, ``bench`` and ``aft``.
 
 Bad input (a missing image, an unknown method, model or layer) prints one line on stderr and
 exits with status 2; missing optional packages exit with status 1.
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{demo,explain,bench,aft}",
+        metavar="{demo,explain,explain-dataset,bench,aft}",
         parser_class=OneLineParser,
     )
 
@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="run benchmarks/cam_methods.py; every later argument is passed on to it"
     )
     from fastxai.aft.cli import add_parser as add_aft_parser
+    from fastxai.stream import add_parser as add_explain_dataset_parser
+
+    add_explain_dataset_parser(commands)
 
     add_aft_parser(commands)
     return parser
@@ -403,6 +406,12 @@ def run_bench_command(args: argparse.Namespace) -> int:
     return subprocess.run(command, env=env, check=False).returncode
 
 
+def run_explain_dataset_command(args: argparse.Namespace) -> int:
+    from fastxai.stream import run_explain_dataset_command as run
+
+    return run(args)
+
+
 def run_aft_command(args: argparse.Namespace) -> int:
     from fastxai.aft.cli import run
 
@@ -412,6 +421,7 @@ def run_aft_command(args: argparse.Namespace) -> int:
 COMMANDS = {
     "demo": run_demo_command,
     "explain": run_explain_command,
+    "explain-dataset": run_explain_dataset_command,
     "bench": run_bench_command,
     "aft": run_aft_command,
 }

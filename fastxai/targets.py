@@ -74,7 +74,7 @@ def resolve_targets(targets: Targets, logits: Tensor) -> ResolvedTargets:
                 f"targets: expected an integer tensor of shape () or ({n},), "
                 f"got {targets.dtype} of shape {tuple(targets.shape)}"
             )
-        targets = targets.tolist()
+        return _resolve_tensor_targets(targets, n, num_classes, device)
     if isinstance(targets, int) or callable(targets):
         targets = [targets] * n
     if not isinstance(targets, Sequence) or isinstance(targets, str):
@@ -105,6 +105,26 @@ def resolve_targets(targets: Targets, logits: Tensor) -> ResolvedTargets:
     if all(c >= 0 for c in classes):
         return ResolvedTargets(class_tensor, None)
     return ResolvedTargets(class_tensor, callables)
+
+
+def _resolve_tensor_targets(
+    targets: Tensor, n: int, num_classes: int, device: torch.device
+) -> ResolvedTargets:
+    """Class indices given as a tensor: stays on the device and compiles without a graph break.
+
+    The range check reads the values, so it runs in eager mode only; under
+    ``torch.compiler.is_compiling()`` it is skipped (an out-of-range class then fails inside
+    ``gather``/``scatter`` instead of with this message).
+    """
+    if targets.dim() == 1 and targets.shape != (n,):
+        raise ValueError(f"targets has {targets.numel()} entries for a batch of {n} images")
+    classes = targets.to(device=device, dtype=torch.long).reshape(-1).expand(n)
+    if not torch.compiler.is_compiling() and n:
+        low, high = int(classes.min()), int(classes.max())
+        bad = low if low < 0 else high
+        if not 0 <= bad < num_classes:
+            raise ValueError(f"targets: class {bad} is outside [0, {num_classes}) for this model")
+    return ResolvedTargets(classes.clone(), None)  # never an alias of the caller's tensor
 
 
 class _ClassTarget:

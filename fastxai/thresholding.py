@@ -12,6 +12,7 @@ mask is :math:`1[I > 0]` and :math:`\\tau^* = 0` (SPEC §A.2).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Literal
 
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from fastxai import ops
-from fastxai._batching import batched_logits
+from fastxai._batching import batched_logits, no_autograd
 from fastxai._checks import check_images, check_maps, check_model
 from fastxai.explanation import Explanation
 from fastxai.ops.reference import stable_rank
@@ -89,6 +90,40 @@ def selected_masks(maps: Tensor, thresholds: Tensor, selected: Tensor, mode: Mod
     return (stable_rank(maps) >= muted[:, None]).view(n, h, w)
 
 
+def _ladder(thresholds: Sequence[float] | Tensor | None, mode: Mode, compiling: bool) -> Tensor:
+    """The threshold ladder as a float64 tensor, checked to be a non-empty 1-D list in [0, 1].
+
+    A Python sequence is checked before it becomes a tensor, so the check also holds under
+    ``torch.compile``; a tensor's values are checked in eager mode only.
+    """
+    if thresholds is None:
+        thresholds = PAPER_THRESHOLDS if mode == "value" else PERCENTILE_THRESHOLDS
+    if not isinstance(thresholds, Tensor) and hasattr(thresholds, "__array__"):
+        thresholds = torch.as_tensor(thresholds)  # a numpy array
+    if isinstance(thresholds, Tensor):
+        if thresholds.dim() != 1 or thresholds.numel() == 0:
+            raise ValueError("thresholds must be a non-empty 1-D sequence")
+        if thresholds.dtype == torch.bool or thresholds.dtype.is_complex:
+            raise TypeError(f"thresholds must be real numbers, got {thresholds.dtype}")
+        ladder = thresholds.to(torch.float64)
+        if not compiling and not bool(((ladder >= 0) & (ladder <= 1)).all()):
+            raise ValueError("thresholds must lie in [0, 1]")
+        return ladder
+    if isinstance(thresholds, (str, bytes)) or not isinstance(thresholds, Sequence):
+        raise TypeError(
+            f"thresholds must be a sequence of floats or a 1-D tensor, got {type(thresholds)}"
+        )
+    values = list(thresholds)
+    if not values or any(isinstance(v, (Sequence, Tensor)) for v in values):
+        raise ValueError("thresholds must be a non-empty 1-D sequence")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"thresholds must be real numbers, got {type(v).__name__}")
+        if not 0 <= v <= 1:  # also rejects NaN
+            raise ValueError(f"thresholds must lie in [0, 1], got {v}")
+    return torch.tensor(values, dtype=torch.float64)
+
+
 def tft(
     model: nn.Module,
     x: Tensor,
@@ -130,18 +165,12 @@ def tft(
         raise ValueError(f"mode must be 'value' or 'percentile', got {mode!r}")
     check_maps(x, maps)
     n = x.shape[0]
-    in_range = not maps.numel() or (bool(maps.amin() >= 0) and bool(maps.amax() <= 1))
-    if not torch.compiler.is_compiling() and not in_range:
+    compiling = torch.compiler.is_compiling()
+    if not compiling and maps.numel() and not (bool(maps.amin() >= 0) and bool(maps.amax() <= 1)):
         raise ValueError("maps must lie in [0, 1] (normalised saliency)")
-    default = PAPER_THRESHOLDS if mode == "value" else PERCENTILE_THRESHOLDS
-    ladder = torch.as_tensor(default if thresholds is None else thresholds, dtype=torch.float64)
-    if ladder.dim() != 1 or ladder.numel() == 0:
-        raise ValueError("thresholds must be a non-empty 1-D sequence")
-    if not bool(torch.isfinite(ladder).all()) or bool(ladder.amin() < 0) or bool(ladder.amax() > 1):
-        raise ValueError("thresholds must lie in [0, 1]")
-    ladder = ladder.to(x.device)
+    ladder = _ladder(thresholds, mode, compiling).to(x.device)
     if logits is None:
-        with torch.inference_mode():
+        with no_autograd():
             logits = model(x)
     from fastxai.targets import resolve_targets
 
@@ -190,7 +219,9 @@ def tft_from_explanation(
     model: nn.Module, x: Tensor, explanation: Explanation, **options: object
 ) -> Explanation:
     """TFT on a CAM method's result, keeping its ``raw`` map and extras."""
-    if bool((explanation.targets < 0).any()):
+    # Callable targets report class -1; the check reads values, so it runs in eager mode only
+    # (under torch.compile the class-index cotangent path is the only one that traces).
+    if not torch.compiler.is_compiling() and bool((explanation.targets < 0).any()):
         raise ValueError("targets: TFT needs class indices (it compares class probabilities)")
     tuned = tft(
         model, x, explanation.maps, explanation.targets, logits=explanation.logits, **options

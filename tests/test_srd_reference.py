@@ -57,8 +57,15 @@ def _parts(source: LinearSource, out_size: tuple[int, int]):
                 for j in range(kw):
                     masked = torch.zeros_like(source.weight)
                     masked[:, :, i, j] = source.weight[:, :, i, j]
-                    c0 = F.conv2d(m, masked, None, source.stride, source.padding,
-                                  source.dilation, source.groups)
+                    c0 = F.conv2d(
+                        m,
+                        masked,
+                        None,
+                        source.stride,
+                        source.padding,
+                        source.dilation,
+                        source.groups,
+                    )
                     taps.append(((i, j), c0))
         for (i, j), c0 in taps:
             if source.weight is None:

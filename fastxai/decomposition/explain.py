@@ -93,9 +93,7 @@ def decompose(
     trace = record(model, x)
     resolved = resolve_targets(targets, trace.logits)
     if resolved.callables is not None:
-        raise TypeError(
-            "targets: srd explains class logits; give class indices, not callables"
-        )
+        raise TypeError("targets: srd explains class logits; give class indices, not callables")
     classes = resolved.classes
     start, head_relevance, head = initial_relevance(trace, classes, rule, vgg_head, unit_backward)
     relevance = propagate(trace.units, {trace.head_slot: start}, unit_backward)

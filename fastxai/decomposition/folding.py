@@ -64,6 +64,7 @@ def conv_source(
         groups=conv.groups,
         pool=pool,
     )
-    out = F.conv2d(inputs, weight, shift, source.stride, source.padding, source.dilation,
-                   source.groups)
+    out = F.conv2d(
+        inputs, weight, shift, source.stride, source.padding, source.dilation, source.groups
+    )
     return source, out

@@ -110,9 +110,7 @@ def pool_offset_masks(pool: PoolRouting) -> list[Tensor]:
     masks = []
     for a in range(pool.kernel_size[0]):
         for b in range(pool.kernel_size[1]):
-            masks.append(
-                (offset_r == a * pool.dilation[0]) & (offset_c == b * pool.dilation[1])
-            )
+            masks.append((offset_r == a * pool.dilation[0]) & (offset_c == b * pool.dilation[1]))
     return masks
 
 

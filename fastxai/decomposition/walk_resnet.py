@@ -78,8 +78,10 @@ def walk_resnet(model: ResNet, x: Tensor, gates: Gates) -> Trace:
     expect_module(model.avgpool, nn.AdaptiveAvgPool2d, "avgpool")
     expect_module(model.fc, nn.Linear, "fc")
     if model.avgpool.output_size not in (1, (1, 1)):
-        raise unsupported(f"avgpool (AdaptiveAvgPool2d to {model.avgpool.output_size}); "
-                          "expected a global average pool")
+        raise unsupported(
+            f"avgpool (AdaptiveAvgPool2d to {model.avgpool.output_size}); "
+            "expected a global average pool"
+        )
     if model.maxpool.ceil_mode:
         raise unsupported("maxpool (MaxPool2d with ceil_mode=True)")
     units: list[Unit] = []
@@ -96,8 +98,9 @@ def walk_resnet(model: ResNet, x: Tensor, gates: Gates) -> Trace:
         for index, block in enumerate(blocks):
             name = f"{stage}.{index}"
             if not isinstance(block, (BasicBlock, Bottleneck)):
-                raise unsupported(f"{name} ({type(block).__name__}); expected BasicBlock or "
-                                  "Bottleneck")
+                raise unsupported(
+                    f"{name} ({type(block).__name__}); expected BasicBlock or Bottleneck"
+                )
             activation = _block(block, name, slot, activation, pool, gates, units)
             slot, pool = name, None
             last_call = 2 if isinstance(block, Bottleneck) else 1

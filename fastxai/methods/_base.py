@@ -8,6 +8,7 @@ give ``raw_map``, used instead of the channel sum.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -20,7 +21,6 @@ from fastxai._checks import check_images, check_model
 from fastxai.capture import LayerCapture, ReshapeTransform, capture_layers, resolve_layer
 from fastxai.explanation import Explanation
 from fastxai.methods._projection import first_component_projection
-from fastxai.ops import reference
 
 Layer = str | nn.Module
 Fusion = Literal["mean", "tanh"]
@@ -43,20 +43,11 @@ def fuse_layer_maps(raws: Sequence[Tensor], size: tuple[int, int], fusion: Fusio
     ``"mean"`` (pytorch-grad-cam): :math:`\mathrm{mm}(\tfrac1L \sum_l \mathrm{up}(\mathrm{mm}(
     \mathrm{relu}(r_l))))`. ``"tanh"`` (Layer-CAM paper, Eq. 9): each layer's normalised map
     :math:`M_l` becomes :math:`\tanh(2 M_l / \max M_l)`, the layers are fused by the element-wise
-    maximum, then min-max scaled.
+    maximum, then min-max scaled. Several layers run the fused op :func:`fastxai.ops.fuse_maps`.
     """
-    height, width = size
     if len(raws) == 1:
         return ops.scale_maps(raws[0], size)
-    if fusion == "mean":
-        stacked = torch.stack([reference.upsample_normalized(r, height, width) for r in raws], 1)
-        return reference.minmax(stacked.clamp_min(0).mean(1))
-    if fusion == "tanh":
-        per_layer = [ops.scale_maps(r, size) for r in raws]
-        peaks = [m.flatten(1).amax(1).clamp_min(1e-7)[:, None, None] for m in per_layer]
-        scaled = torch.stack([torch.tanh(2 * m / p) for m, p in zip(per_layer, peaks, strict=True)])
-        return reference.minmax(scaled.amax(0))
-    raise ValueError(f"fusion must be 'mean' or 'tanh', got {fusion!r}")
+    return ops.fuse_maps(raws, size, fusion)
 
 
 def empty_explanation(x: Tensor) -> Explanation:
@@ -74,6 +65,19 @@ def empty_explanation(x: Tensor) -> Explanation:
 def map_dtype(t: Tensor) -> torch.dtype:
     """Maps are computed in float32 (float64 when the model runs in float64)."""
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def in_map_precision(cap: LayerCapture) -> LayerCapture:
+    """The capture with activation, gradient and logits upcast to float32 when the model ran in
+    float16/bfloat16 (under ``torch.autocast`` or a half model): the method's weights and maps
+    are always computed in float32. ``raw_activation`` keeps the model's dtype, since the
+    re-runs of the network after the layer (Ablation-CAM) consume it."""
+    if cap.activation.dtype not in (torch.float16, torch.bfloat16):
+        return cap
+    gradient = None if cap.gradient is None else cap.gradient.float()
+    return dataclasses.replace(
+        cap, activation=cap.activation.float(), gradient=gradient, logits=cap.logits.float()
+    )
 
 
 def explain_layers(
@@ -111,6 +115,7 @@ def explain_layers(
         with_gradient=with_gradient,
         reshape_transform=reshape_transform,
     )
+    captures = [in_map_precision(cap) for cap in captures]
     raws: list[Tensor] = []
     weights: list[Tensor | None] = []
     for cap in captures:
@@ -158,6 +163,12 @@ _SHARED_ARGS = """
         An :class:`~fastxai.Explanation`: ``maps`` ``(N, H, W)`` in [0, 1], ``raw`` ``(N, h, w)``,
         ``targets``, ``logits``; ``extras["weights"]`` holds the channel weights ``(N, C)`` where
         the method has them.
+
+    Production use: the call compiles with ``torch.compile(fullgraph=True)`` once the model was
+    split at the layer by an eager call or :func:`fastxai.capture.prepare` (value checks are
+    then skipped, see :mod:`fastxai._checks`; Score-CAM and Ablation-CAM unroll their chunk
+    loops, so compile them only for small layers). Under ``torch.autocast`` the model passes run
+    in reduced precision and the weights and maps in float32.
 """
 
 

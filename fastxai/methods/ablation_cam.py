@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from fastxai._batching import rows_per_batch
+from fastxai._batching import no_autograd, rows_per_batch
 from fastxai.capture import LayerCapture
 from fastxai.methods._base import make_cam_method
 
@@ -24,14 +24,15 @@ def ablation_scores(cap: LayerCapture, batch_size: int | None = None) -> Tensor:
     a = cap.raw_activation
     n, c = a.shape[:2]
     rows = rows_per_batch(a, batch_size)
-    scores = a.new_empty(n * c)
+    # float32 even when the network runs in bfloat16/float16: y - y_k cancels digits.
+    scores = a.new_empty(n * c, dtype=torch.float64 if a.dtype == torch.float64 else torch.float32)
     for carried in cap.carry:
         if not isinstance(carried, Tensor) or carried.shape[:1] != (n,):
             raise ValueError(
                 "layer: the network after this layer reads a value without a batch dimension "
                 f"({type(carried).__name__}); choose another layer for Ablation-CAM"
             )
-    with torch.inference_mode():
+    with no_autograd():
         # One buffer for every chunk's ablated copies: a fresh allocation per chunk costs page
         # faults comparable to the suffix itself at small layers.
         buffer = a.new_empty((min(rows, n * c), *a.shape[1:]))
@@ -41,7 +42,8 @@ def ablation_scores(cap: LayerCapture, batch_size: int | None = None) -> Tensor:
             ablated = torch.index_select(a, 0, image, out=buffer[: len(index)])
             ablated[torch.arange(len(index), device=a.device), channel] = 0
             logits = cap.split.suffix_on_owned(ablated, *[t[image] for t in cap.carry])
-            scores[start : start + len(index)] = cap.targets.scores(logits, image)
+            chunk_scores = cap.targets.scores(logits, image)
+            scores[start : start + len(index)] = chunk_scores.to(scores.dtype)
     return scores.view(n, c)
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastxai._batching import rows_per_batch
+from fastxai._batching import no_autograd, rows_per_batch
 from fastxai.capture import LayerCapture
 from fastxai.methods._base import make_cam_method
 
@@ -33,7 +33,7 @@ def masked_scores(
     n, c = a.shape[:2]
     size = (x.shape[2], x.shape[3])
     rows = rows_per_batch(x, batch_size)
-    with torch.inference_mode():
+    with no_autograd():
         flat = a.reshape(n * c, *a.shape[2:])
         lows, highs = [], []
         for start in range(0, n * c, rows):
@@ -43,13 +43,18 @@ def masked_scores(
         low, high = torch.cat(lows), torch.cat(highs)
         constant = high == low
         scores = a.new_empty(n * c, dtype=cap.logits.dtype)
-        if bool(constant.any()):
-            zero_logits = model(torch.zeros_like(x[:1]))
-            zero_image = torch.nonzero(constant)[:, 0] // c
-            scores[constant] = cap.targets.scores(
-                zero_logits.expand(len(zero_image), -1), zero_image
-            )
-        varying = torch.nonzero(~constant)[:, 0]
+        if torch.compiler.is_compiling():
+            # No data-dependent shapes under torch.compile: every channel gets its own forward
+            # (a constant channel's mask is 0 / (0 + eps) = 0, so the same zero image).
+            varying = torch.arange(n * c, device=a.device)
+        else:
+            if bool(constant.any()):
+                zero_logits = model(torch.zeros_like(x[:1]))
+                zero_image = torch.nonzero(constant)[:, 0] // c
+                scores[constant] = cap.targets.scores(
+                    zero_logits.expand(len(zero_image), -1), zero_image
+                ).to(scores.dtype)
+            varying = torch.nonzero(~constant)[:, 0]
         for start in range(0, len(varying), rows):
             index = varying[start : start + rows]
             image = index // c
@@ -58,7 +63,7 @@ def masked_scores(
                 high[index, None, None] - low[index, None, None] + SCORECAM_EPS
             )
             logits = model(x[image] * mask[:, None])
-            scores[index] = cap.targets.scores(logits, image)
+            scores[index] = cap.targets.scores(logits, image).to(scores.dtype)
     return scores.view(n, c), constant.view(n, c)
 
 

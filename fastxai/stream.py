@@ -1,0 +1,514 @@
+"""Explaining many images: batched streams with a progress bar, and sharded dataset jobs.
+
+* :func:`explain_stream` explains an iterable of images (single images, batches, or a
+  ``DataLoader`` yielding ``(images, labels)``) in batches of ``batch_size``, optionally with TFT,
+  and yields one :class:`~fastxai.Explanation` per batch.
+* :func:`explain_dataset` explains a map-style dataset and writes the results through
+  :class:`fastxai.io.ShardWriter`: atomic, resumable after a kill, and, under ``torchrun``, split
+  over the ranks with a ``DistributedSampler`` (each rank writes its own shards).
+* :func:`add_parser` / :func:`run_explain_dataset_command`: the ``fastxai explain-dataset``
+  command (a folder of images -> shards).
+
+Mixed precision: ``autocast=torch.bfloat16`` (CPU) or ``torch.float16`` / ``torch.bfloat16``
+(CUDA) runs the model passes under :func:`torch.autocast`; the maps are computed in float32. The
+model's memory format is the caller's choice (``model.to(memory_format=torch.channels_last)``);
+``memory_format=`` converts the batches to match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fastxai._checks import check_model, model_device
+from fastxai.explanation import Explanation
+from fastxai.methods import METHODS
+from fastxai.methods._base import Layer, normalise_layers
+
+TargetsFrom = Literal["top1", "labels"]
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _as_long(values: Any, n: int, name: str) -> Tensor:
+    t = torch.as_tensor(values).reshape(-1)
+    if t.numel() != n or t.dtype.is_floating_point or t.dtype == torch.bool:
+        raise ValueError(f"{name}: expected {n} integers for a batch of {n} images, got {t}")
+    return t.long()
+
+
+def _split_item(item: Any, position: int) -> tuple[Tensor, Tensor | None, Tensor]:
+    """One stream item -> ``(images (n, C, H, W), labels (n,) or None, indices (n,))``.
+
+    An item is an image ``(C, H, W)``, a batch ``(n, C, H, W)``, or a tuple/list
+    ``(images, labels)`` / ``(images, labels, indices)``; without indices the items are numbered
+    by their position in the stream.
+    """
+    labels = indices = None
+    if isinstance(item, (tuple, list)):
+        if not 1 <= len(item) <= 3:
+            raise ValueError(
+                "data: items must be images or (images, labels[, indices]) tuples, "
+                f"got a {type(item).__name__} of {len(item)} elements"
+            )
+        images, *rest = item
+        labels = rest[0] if rest else None
+        indices = rest[1] if len(rest) > 1 else None
+    else:
+        images = item
+    if not isinstance(images, Tensor):
+        raise TypeError(f"data: images must be torch.Tensor, got {type(images).__name__}")
+    if images.dim() == 3:
+        images = images[None]
+    if images.dim() != 4:
+        raise ValueError(
+            f"data: images must have shape (C, H, W) or (N, C, H, W), got {tuple(images.shape)}"
+        )
+    n = images.shape[0]
+    label_t = None if labels is None else _as_long(labels, n, "data labels")
+    if indices is None:
+        index_t = torch.arange(position, position + n)
+    else:
+        index_t = _as_long(indices, n, "data indices")
+    return images, label_t, index_t
+
+
+def _rebatch(
+    data: Iterable[Any], batch_size: int
+) -> Iterator[tuple[Tensor, Tensor | None, Tensor]]:
+    """Group the stream's images into batches of exactly ``batch_size`` (the last may be short)."""
+    pending: list[tuple[Tensor, Tensor | None, Tensor]] = []
+    count = position = 0
+    for item in data:
+        images, labels, index = _split_item(item, position)
+        position += images.shape[0]
+        pending.append((images, labels, index))
+        count += images.shape[0]
+        while count >= batch_size:
+            batch, pending = _take(pending, batch_size)
+            count -= batch_size
+            yield batch
+    if count:
+        yield _take(pending, count)[0]
+
+
+def _take(
+    parts: list[tuple[Tensor, Tensor | None, Tensor]], size: int
+) -> tuple[tuple[Tensor, Tensor | None, Tensor], list[tuple[Tensor, Tensor | None, Tensor]]]:
+    """The first ``size`` images of ``parts`` as one batch, and what is left over."""
+    taken: list[tuple[Tensor, Tensor | None, Tensor]] = []
+    left = size
+    while left:
+        images, labels, index = parts[0]
+        k = min(left, images.shape[0])
+        taken.append((images[:k], None if labels is None else labels[:k], index[:k]))
+        if k == images.shape[0]:
+            parts = parts[1:]
+        else:
+            parts = [(images[k:], None if labels is None else labels[k:], index[k:]), *parts[1:]]
+        left -= k
+    if len(taken) == 1:  # a DataLoader batch of exactly batch_size: no copy
+        return taken[0], parts
+    has_labels = [t[1] is not None for t in taken]
+    if any(has_labels) and not all(has_labels):
+        raise ValueError("data: some items have labels and others do not")
+    labels_out = torch.cat([t[1] for t in taken]) if all(has_labels) else None
+    batch = (torch.cat([t[0] for t in taken]), labels_out, torch.cat([t[2] for t in taken]))
+    return batch, parts
+
+
+def explain_stream(
+    model: nn.Module,
+    data: Iterable[Any],
+    layer: Layer | Sequence[Layer],
+    *,
+    method: str = "gradcam",
+    targets: TargetsFrom | int = "top1",
+    batch_size: int = 32,
+    tft: bool = False,
+    tft_options: Mapping[str, Any] | None = None,
+    autocast: torch.dtype | None = None,
+    memory_format: torch.memory_format | None = None,
+    compile: bool = False,
+    progress: bool = True,
+    total: int | None = None,
+    **method_options: Any,
+) -> Iterator[Explanation]:
+    """Explain a stream of images in batches of ``batch_size``; yield one Explanation per batch.
+
+    Args:
+        model: the classifier (never modified; explained in its current mode).
+        data: an iterable of images ``(C, H, W)``, batches ``(n, C, H, W)``, or tuples
+            ``(images, labels)`` / ``(images, labels, indices)`` (a ``DataLoader`` works as is).
+            Images are moved to the model's device.
+        layer: the layer(s) explained, as for the functional methods.
+        method: a name from :data:`fastxai.METHODS`.
+        targets: ``"top1"`` (each image's top-1 class), ``"labels"`` (the labels in ``data``),
+            or one class index for every image.
+        batch_size: images per explain call; the stream is regrouped to this size.
+        tft: threshold fine-tuning of every map (:func:`fastxai.tft`), with ``tft_options``.
+        autocast: run the model passes under ``torch.autocast`` with this dtype (maps stay in
+            float32).
+        memory_format: convert each batch (e.g. ``torch.channels_last``, matching a model the
+            caller converted).
+        compile: explain through ``torch.compile(fullgraph=True)`` of
+            :class:`fastxai.nn.Explainer`; a short last batch is padded to ``batch_size`` (its
+            padding rows dropped from the result) so the compiled graph is reused.
+        progress: show a tqdm progress bar (images); ``total`` its length (default
+            ``len(data.dataset)`` or ``len(data)`` when known).
+        **method_options: options of the method (``batch_size`` of Score-CAM, ...).
+
+    Yields:
+        An :class:`~fastxai.Explanation` per batch with ``extras["index"]`` (the items' indices
+        or stream positions) and ``extras["labels"]`` when the data has labels.
+    """
+    from tqdm.auto import tqdm
+
+    from fastxai.nn import Explainer
+
+    check_model(model)
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if not (targets in ("top1", "labels") or (isinstance(targets, int) and targets >= 0)):
+        raise ValueError(f"targets must be 'top1', 'labels' or a class index, got {targets!r}")
+    if autocast is not None and autocast not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"autocast must be torch.bfloat16, torch.float16 or None, got {autocast}")
+    explainer = Explainer(
+        model, layer, method=method, tft=tft, tft_options=dict(tft_options or {}), **method_options
+    )
+    run = torch.compile(explainer, fullgraph=True, dynamic=False) if compile else explainer
+    device = model_device(model) or torch.device("cpu")
+    if total is None:
+        sized = getattr(data, "dataset", data)
+        total = len(sized) if hasattr(sized, "__len__") else None
+    bar = tqdm(total=total, unit="img", disable=not progress, dynamic_ncols=True)
+    try:
+        for images, labels, index in _rebatch(data, batch_size):
+            n = images.shape[0]
+            x = images.to(device, non_blocking=True)
+            if memory_format is not None:
+                x = x.contiguous(memory_format=memory_format)
+            if targets == "labels":
+                if labels is None:
+                    raise ValueError("targets='labels' but the data has no labels")
+                batch_targets: Any = labels.to(device)
+            else:
+                batch_targets = None if targets == "top1" else targets
+            if compile and n < batch_size:
+                x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
+                if isinstance(batch_targets, Tensor):  # class 0 for the padding rows
+                    batch_targets = torch.cat([batch_targets, labels.new_zeros(batch_size - n)])
+            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+                _, explanation = run(x, batch_targets)
+            if explanation.maps.shape[0] != n:
+                explanation = _first_rows(explanation, n)
+            explanation.extras["index"] = index
+            if labels is not None:
+                explanation.extras["labels"] = labels
+            bar.update(n)
+            yield explanation
+    finally:
+        bar.close()
+
+
+def _first_rows(explanation: Explanation, n: int) -> Explanation:
+    """The explanation of the first ``n`` images (drops the padding of a compiled last batch)."""
+    batch = explanation.maps.shape[0]
+
+    def cut(value: Any) -> Any:
+        return value[:n] if isinstance(value, Tensor) and value.shape[:1] == (batch,) else value
+
+    return Explanation(
+        maps=cut(explanation.maps),
+        targets=cut(explanation.targets),
+        logits=cut(explanation.logits),
+        raw=cut(explanation.raw),
+        mask=cut(explanation.mask),
+        tau=cut(explanation.tau),
+        rpi=cut(explanation.rpi),
+        extras={k: cut(v) for k, v in explanation.extras.items()},
+    )
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """``dataset`` restricted to ``indices``: item ``i`` is ``(image, label, indices[i])`` (label
+    ``-1`` when the dataset yields bare images)."""
+
+    def __init__(self, dataset: Any, indices: Tensor) -> None:
+        self.dataset = dataset
+        self.indices = indices.tolist()
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+        index = self.indices[i]
+        item = self.dataset[index]
+        if isinstance(item, (tuple, list)):
+            image, label = item[0], (item[1] if len(item) > 1 else -1)
+        else:
+            image, label = item, -1
+        return image, int(label), index
+
+
+def explain_dataset(
+    model: nn.Module,
+    dataset: Any,
+    layer: Layer | Sequence[Layer],
+    out: str | os.PathLike[str],
+    *,
+    method: str = "gradcam",
+    targets: TargetsFrom | int = "top1",
+    batch_size: int = 32,
+    tft: bool = False,
+    tft_options: Mapping[str, Any] | None = None,
+    shard_size: int = 1024,
+    num_workers: int = 0,
+    maps_dtype: torch.dtype = torch.float16,
+    autocast: torch.dtype | None = None,
+    memory_format: torch.memory_format | None = None,
+    compile: bool = False,
+    progress: bool = True,
+    meta: Mapping[str, Any] | None = None,
+    **method_options: Any,
+) -> int:
+    """Explain every item of a map-style ``dataset`` and write the results as shards to ``out``.
+
+    Items are images ``(C, H, W)`` or ``(image, label, ...)``. Each shard (see
+    :mod:`fastxai.io`) holds ``index``, ``maps`` (stored as ``maps_dtype``), ``targets`` and,
+    with TFT, ``mask`` and ``tau``; :func:`fastxai.io.read_shards` reads them back in index
+    order. A restarted job explains only the items no complete shard holds.
+
+    Under ``torchrun`` (an initialised process group, or ``WORLD_SIZE > 1`` in the environment,
+    in which case a gloo/nccl group is started here) the pending items are split over the ranks
+    with ``DistributedSampler(shuffle=False)``; each rank writes its own shards. Ranks must load
+    the same model (seed random weights). Returns the number of items this rank wrote.
+
+    Other arguments are those of :func:`explain_stream`.
+    """
+    from fastxai.io import ShardWriter
+
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        raise TypeError(f"dataset must be a map-style dataset, got {type(dataset).__name__}")
+    rank, world = _process_group(model)
+    job = {
+        "method": method,
+        "layer": normalise_layers(model, layer),
+        "targets": targets,
+        "tft": bool(tft),
+        "tft_options": dict(tft_options or {}),
+        "items": len(dataset),
+        "maps_dtype": str(maps_dtype),
+        **dict(meta or {}),
+    }
+    with ShardWriter(out, shard_size=shard_size, rank=rank, meta=job) as writer:
+        pending = writer.pending(range(len(dataset)))
+        if world > 1:
+            dist.barrier()  # every rank reads the finished items before any rank writes
+        subset = _Indexed(dataset, pending)
+        sampler = None
+        if world > 1:
+            sampler = torch.utils.data.DistributedSampler(
+                subset, num_replicas=world, rank=rank, shuffle=False
+            )
+        loader = torch.utils.data.DataLoader(
+            subset, batch_size=batch_size, sampler=sampler, num_workers=num_workers
+        )
+        written = 0
+        stream = explain_stream(
+            model,
+            loader,
+            layer,
+            method=method,
+            targets=targets,
+            batch_size=batch_size,
+            tft=tft,
+            tft_options=tft_options,
+            autocast=autocast,
+            memory_format=memory_format,
+            compile=compile,
+            progress=progress and rank == 0,
+            total=len(sampler) if sampler is not None else len(subset),
+            **method_options,
+        )
+        for explanation in stream:
+            fields = {"maps": explanation.maps.to(maps_dtype), "targets": explanation.targets}
+            if tft:
+                fields["mask"] = explanation.mask
+                fields["tau"] = explanation.tau.float()
+            writer.write(explanation.extras["index"], **fields)
+            written += len(explanation)
+    if world > 1:
+        dist.barrier()  # every shard is on disk when any rank returns
+    return written
+
+
+def _process_group(model: nn.Module) -> tuple[int, int]:
+    """``(rank, world_size)``; joins torchrun's process group when the environment has one."""
+    if (
+        dist.is_available()
+        and not dist.is_initialized()
+        and int(os.environ.get("WORLD_SIZE", 1)) > 1
+    ):
+        device = model_device(model)
+        on_cuda = device is not None and device.type == "cuda"
+        dist.init_process_group(backend="nccl" if on_cuda else "gloo")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# --------------------------------------------------------------------------------------------
+# fastxai explain-dataset
+# --------------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """The images under ``root`` in sorted path order, preprocessed for the model.
+
+    With class sub-folders (``root/<class>/<image>``, torchvision's ImageFolder layout) an item
+    is ``(image, class_index)`` with classes numbered in sorted folder order; otherwise ``label``
+    is ``-1``.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], preprocess: Any) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"IMAGE_DIR: no such folder: {root}")
+        self.files = sorted(
+            p for p in self.root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+        )
+        if not self.files:
+            raise ValueError(f"IMAGE_DIR: no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+        folders = sorted({p.parent for p in self.files})
+        self.labelled = all(folder.parent == self.root for folder in folders)
+        self.classes = [folder.name for folder in folders] if self.labelled else []
+        self.preprocess = preprocess
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        from PIL import Image
+
+        path = self.files[i]
+        with Image.open(path) as picture:
+            image = self.preprocess(picture.convert("RGB"))[0]
+        label = self.classes.index(path.parent.name) if self.labelled else -1
+        return image, label
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``explain-dataset`` command to ``fastxai``'s sub-command parsers."""
+    from fastxai.models import EFFICIENTNET_LITE0
+
+    parser = subparsers.add_parser(
+        "explain-dataset",
+        help="explain a folder of images into resumable shards (runs under torchrun)",
+        description="Explain every image under IMAGE_DIR and write shards of maps (and TFT "
+        "masks) to --out through fastxai.io; a killed job resumes where it stopped. Under "
+        "torchrun --nproc_per_node=K each rank explains its share and writes its own shards.",
+    )
+    parser.add_argument("image_dir", metavar="IMAGE_DIR")
+    parser.add_argument("--out", required=True, help="output folder of the shards")
+    parser.add_argument("--method", choices=list(METHODS), default="gradcam", metavar="NAME")
+    parser.add_argument("--model", default=EFFICIENTNET_LITE0)
+    parser.add_argument("--weights", type=Path, metavar="STATE_DICT.pt")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random weights (every rank)")
+    parser.add_argument("--layer", metavar="DOTTED.NAME")
+    parser.add_argument(
+        "--targets",
+        choices=["top1", "labels"],
+        default="top1",
+        help="top-1 class, or the class sub-folder of each image (default: %(default)s)",
+    )
+    parser.add_argument("--tft", action="store_true", help="threshold fine-tune every map")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--shard-size", type=int, default=1024)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--autocast", choices=list(AUTOCAST_DTYPES), help="model passes dtype")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last model/input")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the explainer")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    return parser
+
+
+def run_explain_dataset_command(args: argparse.Namespace) -> int:
+    """``fastxai explain-dataset``: print one summary line per rank; 0 on success."""
+    from fastxai.cli import CliError, _choose_layer, _load_model_for_cli
+
+    for option in ("batch_size", "shard_size"):
+        if getattr(args, option) < 1:
+            raise CliError(f"--{option.replace('_', '-')}: must be >= 1")
+    if args.num_workers < 0:
+        raise CliError("--num-workers: must be >= 0")
+    torch.manual_seed(args.seed)  # random weights: the same model on every rank
+    loaded = _load_model_for_cli(args.model, args.weights)
+    model = loaded.model
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # our own copy: the CLI loaded it
+    layer = _choose_layer(args.model, model, args.layer)
+    try:
+        dataset = ImageFiles(args.image_dir, loaded.preprocess)
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    if args.targets == "labels" and not dataset.labelled:
+        raise CliError("--targets labels: IMAGE_DIR has no class sub-folders")
+    try:
+        written = explain_dataset(
+            model,
+            dataset,
+            layer,
+            args.out,
+            method=args.method,
+            targets=args.targets,
+            batch_size=args.batch_size,
+            tft=args.tft,
+            shard_size=args.shard_size,
+            num_workers=args.num_workers,
+            autocast=AUTOCAST_DTYPES.get(args.autocast or ""),
+            memory_format=torch.channels_last if args.channels_last else None,
+            compile=args.compile,
+            progress=args.progress,
+            meta={"model": args.model, "weights": str(args.weights), "seed": args.seed},
+        )
+    except ValueError as exc:
+        raise CliError(str(exc)) from exc
+    rank, world = _process_group(model)
+    print(f"rank {rank}/{world}: {written} images explained -> {args.out}")
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fastxai.stream explain-dataset ...``: the command without the fastxai CLI
+    (``torchrun -m fastxai.stream explain-dataset ...`` before the lead wires it into it)."""
+    from fastxai.cli import PROG, CliError, OneLineParser
+
+    parser = OneLineParser(prog=PROG)
+    add_parser(parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser))
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        return run_explain_dataset_command(args)
+    except CliError as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
