@@ -17,17 +17,21 @@ To cover a new public function, add rows here; every test of the suite picks the
 from __future__ import annotations
 
 import dataclasses
+import functools
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
+import torchvision
 from torch import Tensor, nn
 
 import fastxai
 from fastxai import compat, metrics
+from fastxai.io import read_shards
 from fastxai.nn import Explainer
-from fastxai.stream import explain_stream
+from fastxai.stream import explain_dataset, explain_stream
 
 NUM_CLASSES = 5
 
@@ -165,6 +169,35 @@ def _stream_midway(m: nn.Module, x: Tensor) -> Any:
     return list(explain_stream(m, data(), "features", batch_size=1, progress=False))
 
 
+def _dataset(m: nn.Module, x: Tensor, t: Any) -> Any:
+    with tempfile.TemporaryDirectory() as out:
+        explain_dataset(m, x, "features", out, batch_size=1, tft=True, progress=False)
+        return read_shards(out)
+
+
+def _dataset_midway(m: nn.Module, x: Tensor) -> Any:
+    with tempfile.TemporaryDirectory() as out:
+        return explain_dataset(m, x, "features", out, targets=99, progress=False)
+
+
+@functools.cache
+def _resnet18_weights() -> dict[str, Tensor]:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=NUM_CLASSES).state_dict()
+
+
+def _resnet18() -> nn.Module:
+    model = torchvision.models.resnet18(num_classes=NUM_CLASSES)
+    model.load_state_dict(_resnet18_weights())
+    return model.eval()
+
+
+def _matching(m: nn.Module, x: Tensor, t: Any, **options: Any) -> Any:
+    return fastxai.activation_matching(
+        m, x, t, ["block", "features"], steps=2, compile=False, progress=False, **options
+    )
+
+
 def _exploding_transform(t: Tensor) -> Tensor:
     raise Boom("reshape_transform failed midway")
 
@@ -213,6 +246,46 @@ ENTRY_POINTS: list[Entry] = [
         midway=lambda m, x: compat.EigenCAM(m, [m.features], _exploding_transform)(x),
     ),
     Entry("explain_stream", _stream, False, _stream_midway),
+    Entry("explain_dataset", _dataset, False, _dataset_midway),
+    Entry(
+        "srd",
+        lambda m, x, t: fastxai.srd(m, x, t, return_relevance=True),
+        make_model=_resnet18,
+        midway=lambda m, x: fastxai.srd(m, x, 10**6),  # refused after the forward pass
+    ),
+    Entry(
+        "srd identity",
+        lambda m, x, t: fastxai.srd(m, x, t, rule="identity"),
+        make_model=_resnet18,
+        midway=lambda m, x: fastxai.srd(m, x, 10**6, rule="identity"),
+    ),
+    Entry(
+        "srd_erf",
+        lambda m, x, t: fastxai.srd_erf(m, x, "layer2", (1, 1)),
+        False,
+        lambda m, x: fastxai.srd_erf(m, x, "layer2", (99, 99)),
+        make_model=_resnet18,
+    ),
+    Entry(
+        "apop",
+        lambda m, x, t: fastxai.apop(m, x, x.flip(0)),
+        False,
+        lambda m, x: fastxai.apop(m, x, x[:, :, :16]),
+        make_model=_resnet18,
+    ),
+    Entry(
+        "apop_agreement",
+        lambda m, x, t: torch.tensor(fastxai.apop_agreement(m, x, x.flip(0))),
+        False,
+        lambda m, x: fastxai.apop_agreement(m, x, x[:1]),
+        make_model=_resnet18,
+    ),
+    Entry(
+        "activation_matching",
+        lambda m, x, t: _matching(m, x, t),
+        False,
+        lambda m, x: _matching(m, x, None, weights={"kl": float("nan")}),
+    ),
 ]
 
 
@@ -445,5 +518,42 @@ BAD_INPUTS: list[Bad] = [
         lambda: next(explain_stream(_M, [_X], "features", autocast=torch.float64)),
         ValueError,
         r"autocast must be",
+    ),
+    # SRD, APOP, Activation Matching
+    Bad(
+        "srd unsupported model",
+        lambda: fastxai.srd(_M, _X),
+        TypeError,
+        r"srd does not support the model type SmallNet",
+    ),
+    Bad(
+        "srd rule",
+        lambda: fastxai.srd(_resnet18(), _X, rule="lrp"),
+        ValueError,
+        r"rule must be one of",
+    ),
+    Bad(
+        "srd_erf position",
+        lambda: fastxai.srd_erf(_resnet18(), _X, "layer2", (99, 0)),
+        ValueError,
+        r"position \(99, 0\) is outside",
+    ),
+    Bad(
+        "apop x_other shape",
+        lambda: fastxai.apop(_resnet18(), _X, _X[:, :, :16]),
+        ValueError,
+        r"x_other must have the shape of x_pattern",
+    ),
+    Bad(
+        "activation_matching steps",
+        lambda: fastxai.activation_matching(_M, _X, steps=0, progress=False, compile=False),
+        ValueError,
+        r"steps must be an int >= 1",
+    ),
+    Bad(
+        "activation_matching layers",
+        lambda: fastxai.activation_matching(_M, _X, layers=["nope"], progress=False),
+        ValueError,
+        r"layer 'nope' is not a submodule",
     ),
 ]

@@ -67,7 +67,7 @@ def test_state_unchanged_after_call(entry):
 def test_state_unchanged_when_call_raises_midway(entry):
     model, x = prepared_model(entry), images(2, entry.image_size)
     before = snapshot(model, x)
-    with pytest.raises((Boom, ValueError)):
+    with pytest.raises((Boom, ValueError, FloatingPointError)):  # NaN loss: activation_matching
         if entry.midway is not None:
             entry.midway(model, x)
         else:
