@@ -23,38 +23,18 @@
 
 #include "fastxai/fuse_maps.h"
 #include "fastxai/fuse_maps_checks.h"
+#include "low_res_maps.h"
 
 namespace fastxai {
 namespace {
+
+using cpu::axis_taps;
+using cpu::MinMax;
 
 // Output pixels (times layers) per task worth a thread; smaller work runs inline.
 constexpr int64_t kPixelsPerTask = 1 << 15;
 // tanh arguments per call of ATen's tanh: cache-resident, and its call cost (~us) amortised.
 constexpr int64_t kTanhChunk = 1 << 14;
-
-template <typename T>
-struct MinMax {
-  T lo;
-  T hi;
-
-  static MinMax empty() {
-    return {std::numeric_limits<T>::infinity(), -std::numeric_limits<T>::infinity()};
-  }
-  MinMax merged(MinMax other) const {
-    return {nan_min(lo, other.lo), nan_max(hi, other.hi)};
-  }
-};
-
-template <typename scalar_t>
-std::vector<LinearTaps<scalar_t>> axis_taps(int64_t in_size, int64_t out_size) {
-  using acc_t = at::opmath_type<scalar_t>;
-  const acc_t ratio = bilinear_ratio<acc_t>(in_size, out_size);
-  std::vector<LinearTaps<scalar_t>> taps(out_size);
-  for (int64_t dst = 0; dst < out_size; ++dst) {
-    taps[dst] = bilinear_taps<scalar_t>(ratio, dst, in_size, out_size);
-  }
-  return taps;
-}
 
 // One layer: its contiguous raw maps, taps, and where its scratch starts in an image's scratch.
 template <typename scalar_t>
@@ -77,29 +57,15 @@ struct UpRange {
 
 // low = mm(relu(raw)) of one image of one layer, then cols: its rows interpolated along x.
 template <typename scalar_t>
-void prepare_layer(const Layer<scalar_t>& layer, int64_t n, int64_t out_width, scalar_t* scratch) {
+void prepare_layer(
+    const Layer<scalar_t>& layer,
+    int64_t n,
+    int64_t /*out_width: the taps know it*/,
+    scalar_t* scratch) {
   const int64_t in_pixels = layer.height * layer.width;
-  const scalar_t* raw = layer.raw + n * in_pixels;
   scalar_t* low = scratch + layer.scratch_offset;
-  scalar_t* cols = low + in_pixels;
-  MinMax<scalar_t> range{relu(raw[0]), relu(raw[0])};
-  for (int64_t i = 1; i < in_pixels; ++i) {
-    const scalar_t v = relu(raw[i]);
-    range.lo = nan_min(range.lo, v);
-    range.hi = nan_max(range.hi, v);
-  }
-  const scalar_t den = min_max_denominator(range.lo, range.hi);
-  for (int64_t i = 0; i < in_pixels; ++i) {
-    low[i] = min_max_scale(relu(raw[i]), range.lo, den);
-  }
-  for (int64_t r = 0; r < layer.height; ++r) {
-    const scalar_t* low_row = low + r * layer.width;
-    scalar_t* cols_row = cols + r * out_width;
-    for (int64_t x = 0; x < out_width; ++x) {
-      const LinearTaps<scalar_t>& t = layer.x_taps[x];
-      cols_row[x] = blend(low_row[t.i0], low_row[t.i1], t.w0, t.w1);
-    }
-  }
+  cpu::prepare_low_res(
+      layer.raw + n * in_pixels, layer.height, layer.width, layer.x_taps, low, low + in_pixels);
 }
 
 template <typename scalar_t>
