@@ -71,3 +71,47 @@ def run_without_extension(script: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=600,
     )
+
+
+HAS_GPU = torch.cuda.is_available()
+TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_backend_params(op: str) -> list:
+    """``(backend, device)`` pytest params for every backend of ``fastxai::<op>``: C++ on the
+    CPU, Triton under the interpreter, the reference, C++ CUDA and Triton on a GPU, each
+    skipped with its reason where it cannot run here."""
+    import fastxai.ops as ops
+
+    has_cpp_op = ops.has_extension() and hasattr(torch.ops.fastxai, op)
+    cuda_built = has_cpp_op and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"fastxai::{op}", "CUDA"
+    )
+    skip = pytest.mark.skipif
+    return [
+        pytest.param(
+            "cpp",
+            "cpu",
+            id="cpp-cpu",
+            marks=skip(not has_cpp_op, reason=f"C++ {op} not available: {ops.extension_status()}"),
+        ),
+        pytest.param(
+            "triton",
+            "cpu",
+            id="triton-interpreter",
+            marks=skip(not TRITON_ON_CPU, reason="TRITON_INTERPRET is not set"),
+        ),
+        pytest.param("torch", "cpu", id="torch-cpu"),
+        pytest.param(
+            "cpp",
+            "cuda",
+            id="cpp-cuda",
+            marks=skip(
+                not (HAS_GPU and cuda_built),
+                reason="needs a GPU and fastxai._C built with FASTXAI_CUDA=1",
+            ),
+        ),
+        pytest.param(
+            "triton", "cuda", id="triton-cuda", marks=skip(not HAS_GPU, reason="needs a GPU")
+        ),
+    ]

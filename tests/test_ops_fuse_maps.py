@@ -8,11 +8,9 @@ per-map min-max with eps 1e-7 and ``up`` the bilinear ``F.interpolate(align_corn
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from conftest import run_without_extension
+from conftest import TRITON_ON_CPU, kernel_backend_params, run_without_extension
 
 import fastxai
 import fastxai.ops as ops
@@ -25,45 +23,13 @@ ATOL = {torch.float32: 1e-6, torch.float64: 1e-12}
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]
 FUSIONS = ["mean", "tanh"]
 
-HAS_GPU = torch.cuda.is_available()
-TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CPP_OP = ops.has_extension() and hasattr(torch.ops.fastxai, "fuse_maps")
 requires_cpp_op = pytest.mark.skipif(
     not HAS_CPP_OP, reason=f"C++ fuse_maps not available: {ops.extension_status()}"
 )
 
 
-def _cuda_kernel_built() -> bool:
-    return HAS_CPP_OP and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fastxai::fuse_maps", "CUDA"
-    )
-
-
-BACKENDS = [
-    pytest.param("cpp", "cpu", id="cpp-cpu", marks=requires_cpp_op),
-    pytest.param(
-        "triton",
-        "cpu",
-        id="triton-interpreter",
-        marks=pytest.mark.skipif(not TRITON_ON_CPU, reason="TRITON_INTERPRET is not set"),
-    ),
-    pytest.param("torch", "cpu", id="torch-cpu"),
-    pytest.param(
-        "cpp",
-        "cuda",
-        id="cpp-cuda",
-        marks=pytest.mark.skipif(
-            not (HAS_GPU and _cuda_kernel_built()),
-            reason="needs a GPU and fastxai._C built with FASTXAI_CUDA=1",
-        ),
-    ),
-    pytest.param(
-        "triton",
-        "cuda",
-        id="triton-cuda",
-        marks=pytest.mark.skipif(not HAS_GPU, reason="needs a GPU"),
-    ),
-]
+BACKENDS = kernel_backend_params("fuse_maps")
 
 
 def _raws(

@@ -11,11 +11,10 @@ through the front door).
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
-from conftest import run_without_extension
+from conftest import HAS_GPU, TRITON_ON_CPU, kernel_backend_params, run_without_extension
 
 import fastxai.ops as ops
 from fastxai.ops import reference
@@ -23,44 +22,12 @@ from fastxai.ops import reference
 RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 DTYPES = [pytest.param(torch.float32, id="f32"), pytest.param(torch.float64, id="f64")]
 
-HAS_GPU = torch.cuda.is_available()
-TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
 requires_extension = pytest.mark.skipif(
     not ops.has_extension(), reason=f"C++ ops not available: {ops.extension_status()}"
 )
 
 
-def _cuda_kernels_built() -> bool:
-    return ops.has_extension() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "fastxai::layercam", "CUDA"
-    )
-
-
-BACKENDS = [
-    pytest.param("cpp", "cpu", id="cpp-cpu", marks=requires_extension),
-    pytest.param(
-        "triton",
-        "cpu",
-        id="triton-interpreter",
-        marks=pytest.mark.skipif(not TRITON_ON_CPU, reason="TRITON_INTERPRET is not set"),
-    ),
-    pytest.param("torch", "cpu", id="torch-cpu"),
-    pytest.param(
-        "cpp",
-        "cuda",
-        id="cpp-cuda",
-        marks=pytest.mark.skipif(
-            not (HAS_GPU and _cuda_kernels_built()),
-            reason="needs a GPU and fastxai._C built with FASTXAI_CUDA=1",
-        ),
-    ),
-    pytest.param(
-        "triton",
-        "cuda",
-        id="triton-cuda",
-        marks=pytest.mark.skipif(not HAS_GPU, reason="needs a GPU"),
-    ),
-]
+BACKENDS = kernel_backend_params("layercam")
 # gradcheck and opcheck run the op many times: the interpreter gets tiny inputs.
 CPU_DIFFERENTIABLE_BACKENDS = [
     pytest.param("cpp", id="cpp", marks=requires_extension),
