@@ -21,15 +21,15 @@
 #include <string_view>
 #include <vector>
 
+#include "block_min_max.cuh"
 #include "fastxai/fuse_maps.h"
 #include "fastxai/fuse_maps_checks.h"
 
 namespace fastxai {
 namespace {
 
-constexpr int kThreadsPerBlock = 256;
-constexpr int kWarpSize = 32;
-constexpr int kWarpsPerBlock = kThreadsPerBlock / kWarpSize;
+using cuda::block_min_max;
+using cuda::kThreadsPerBlock;
 // Layers per launch: their pointers and sizes travel as one kernel argument.
 constexpr int kMaxLayers = 16;
 
@@ -50,32 +50,6 @@ struct LayerRange {
   scalar_t up_den;
   scalar_t peak;
 };
-
-// Block-wide NaN-propagating (min, max); every thread gets the result. All threads must call it.
-template <typename scalar_t>
-__device__ void block_min_max(scalar_t& lo, scalar_t& hi) {
-  __shared__ scalar_t warp_lo[kWarpsPerBlock];
-  __shared__ scalar_t warp_hi[kWarpsPerBlock];
-  const int lane = threadIdx.x % kWarpSize;
-  const int warp = threadIdx.x / kWarpSize;
-  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    lo = nan_min(lo, __shfl_down_sync(0xffffffffu, lo, offset));
-    hi = nan_max(hi, __shfl_down_sync(0xffffffffu, hi, offset));
-  }
-  if (lane == 0) {
-    warp_lo[warp] = lo;
-    warp_hi[warp] = hi;
-  }
-  __syncthreads();
-  lo = warp_lo[0];
-  hi = warp_hi[0];
-  for (int w = 1; w < kWarpsPerBlock; ++w) {
-    lo = nan_min(lo, warp_lo[w]);
-    hi = nan_max(hi, warp_hi[w]);
-  }
-  // The shared slots are reused by the next call.
-  __syncthreads();
-}
 
 // The taps of output pixel i of a layer, and its upsampled value.
 template <typename scalar_t>
