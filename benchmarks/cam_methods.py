@@ -22,14 +22,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import gc
 import io
 import json
 import os
 import platform
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +39,10 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _timing import Sample, time_once
+
 import fastxai
 from fastxai.capture import capture_layer, get_split
 from fastxai.methods import score_cam
@@ -49,7 +51,6 @@ from fastxai.methods.score_cam import masked_scores
 SIZE = 224
 THREADS = 2
 PARITY_TOLERANCE = 1e-4
-TRUST = 1.7  # a 2-thread sample counts only if CPU time >= 1.7 x wall time
 RAW: list[dict[str, Any]] = []  # every sample of every row, for --raw
 
 
@@ -71,17 +72,6 @@ class Contender:
 
 
 @dataclass
-class Sample:
-    wall: float
-    cpu: float
-    load: float
-
-    @property
-    def trusted(self) -> bool:
-        return self.cpu >= TRUST * self.wall
-
-
-@dataclass
 class Measured:
     samples: dict[str, list[Sample | None]] = field(default_factory=dict)
     outputs: dict[str, Any] = field(default_factory=dict)  # first output of each contender
@@ -89,12 +79,12 @@ class Measured:
     def _kept(self, name: str) -> list[Sample]:
         """Trusted samples of ``name``, or all of them when none is trusted."""
         all_ = [s for s in self.samples.get(name, []) if s is not None]
-        trusted = [s for s in all_ if s.trusted]
+        trusted = [s for s in all_ if s.trusted(THREADS)]
         return trusted or all_
 
     def trusted_count(self, name: str) -> tuple[int, int]:
         all_ = [s for s in self.samples.get(name, []) if s is not None]
-        return sum(s.trusted for s in all_), len(all_)
+        return sum(s.trusted(THREADS) for s in all_), len(all_)
 
     def median_ms(self, name: str) -> float | None:
         walls = [s.wall for s in self._kept(name)]
@@ -112,7 +102,7 @@ class Measured:
             for a, b in zip(self.samples.get(name, []), self.samples[floor], strict=False)
             if a is not None and b is not None
         ]
-        kept = [(a, b) for a, b in pairs if a.trusted and b.trusted] or pairs
+        kept = [(a, b) for a, b in pairs if a.trusted(THREADS) and b.trusted(THREADS)] or pairs
         return statistics.median(a.wall / b.wall for a, b in kept) if kept else None
 
     def load(self) -> float:
@@ -120,23 +110,10 @@ class Measured:
         return statistics.median(loads)
 
 
-def time_once(fn: Callable[[], Any]) -> tuple[Sample, Any]:
-    gc.collect()
-    load = os.getloadavg()[0]
-    gc.disable()
-    try:
-        c0, t0 = time.process_time(), time.perf_counter()
-        out = fn()
-        t1, c1 = time.perf_counter(), time.process_time()
-    finally:
-        gc.enable()
-    return Sample(t1 - t0, c1 - c0, load), out
-
-
 def measure(contenders: list[Contender], repeats: int) -> Measured:
     """Warm every contender up once, then time them in rotating order.
 
-    Rounds go on until every contender has ``repeats`` trusted samples (CPU time >= TRUST x
+    Rounds go on until every contender has ``repeats`` trusted samples (CPU time >= 0.85 x threads x
     wall time: both threads ran) or ``2 * repeats`` rounds have run.
     """
     result = Measured({c.name: [] for c in contenders})
@@ -152,7 +129,7 @@ def measure(contenders: list[Contender], repeats: int) -> Measured:
         wanted = repeats if c.repeats is None else c.repeats
         if c.repeats is not None and len(result.samples[c.name]) >= c.repeats:
             return True
-        return sum(s is not None and s.trusted for s in result.samples[c.name]) >= wanted
+        return sum(s is not None and s.trusted(THREADS) for s in result.samples[c.name]) >= wanted
 
     for r in range(2 * repeats):
         if r >= repeats and all(done(c) for c in contenders):

@@ -25,82 +25,46 @@ Run ``PYTHONPATH=. python benchmarks/kernels_cam_priors.py [--repeats R] [--thre
 from __future__ import annotations
 
 import argparse
-import gc
-import os
-import statistics
-import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
+from _timing import (
+    Sample,
+    interleave,
+    median_cpu_per_wall,
+    median_load,
+    median_ms,
+    paired_ratio,
+    trusted_count,
+)
 from torch import Tensor
 
 import fastxai.ops as ops
 from fastxai.ops import reference
 
 THREADS = 2
-TRUST_PER_THREAD = 0.85
 LAYERCAM_SHAPE = (32, 512, 28, 28)
 MASK_SHAPE = (16, 1, 224, 224)
 PRIOR_WEIGHTS = (100.0, 1.0, 15.0)  # lambda_area, lambda_bin, lambda_tv of SPEC C.4 (CVPR text)
 
 
-def _time_once(fn: Callable[[], Any]) -> dict[str, float]:
-    gc.collect()
-    load = os.getloadavg()[0]
-    gc.disable()
-    try:
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        fn()
-        wall1, cpu1 = time.perf_counter(), time.process_time()
-    finally:
-        gc.enable()
-    return {"wall": wall1 - wall0, "cpu": cpu1 - cpu0, "load": load}
-
-
-def _interleaved(contenders: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[dict]]:
-    """Time every contender ``repeats`` times in rotating order, after one untimed warm-up each."""
-    for fn in contenders.values():
-        fn()
-    names = list(contenders)
-    samples: dict[str, list[dict]] = {name: [] for name in names}
-    for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            samples[name].append(_time_once(contenders[name]))
-    return samples
-
-
-def _is_trusted(sample: dict) -> bool:
-    return sample["cpu"] >= TRUST_PER_THREAD * torch.get_num_threads() * sample["wall"]
-
-
-def _trusted(samples: list[dict]) -> list[dict]:
-    """The trusted samples (both threads ran), or all of them when none is."""
-    return [s for s in samples if _is_trusted(s)] or samples
-
-
 def _summarise(
-    workload: str, samples: dict[str, list[dict]], fused: str, baselines: list[str]
+    workload: str, samples: dict[str, list[Sample]], fused: str, baselines: list[str]
 ) -> list[dict]:
     rows = []
-    fused_kept = _trusted(samples[fused])
     for baseline in baselines:
-        pairs = list(zip(samples[fused], samples[baseline], strict=True))
-        trusted_pairs = [(f, b) for f, b in pairs if _is_trusted(f) and _is_trusted(b)]
-        kept_pairs = trusted_pairs or pairs
-        base_kept = _trusted(samples[baseline])
+        mine, theirs = samples[fused], samples[baseline]
         rows.append(
             {
                 "workload": workload,
                 "baseline": baseline,
-                "fused_ms": 1e3 * statistics.median(s["wall"] for s in fused_kept),
-                "baseline_ms": 1e3 * statistics.median(s["wall"] for s in base_kept),
-                "speedup": statistics.median(b["wall"] / f["wall"] for f, b in kept_pairs),
-                "load_1m": statistics.median(s["load"] for s in samples[fused] + samples[baseline]),
-                "cpu_wall_fused": statistics.median(s["cpu"] / s["wall"] for s in fused_kept),
-                "cpu_wall_baseline": statistics.median(s["cpu"] / s["wall"] for s in base_kept),
-                "trusted": f"{len(trusted_pairs)}/{len(pairs)}",
+                "fused_ms": median_ms(mine),
+                "baseline_ms": median_ms(theirs),
+                "speedup": paired_ratio(theirs, mine),
+                "load_1m": median_load(mine, theirs),
+                "cpu_wall_fused": median_cpu_per_wall(mine),
+                "cpu_wall_baseline": median_cpu_per_wall(theirs),
+                "trusted": trusted_count(mine, theirs),
             }
         )
     return rows
@@ -118,7 +82,7 @@ def _layercam_rows(repeats: int) -> list[dict]:
     torch.testing.assert_close(ops.layercam(g, a), _eager_layercam(g, a), rtol=1e-5, atol=1e-4)
 
     with torch.no_grad():
-        forward = _interleaved(
+        forward = interleave(
             {"fused": lambda: ops.layercam(g, a), "eager": lambda: _eager_layercam(g, a)}, repeats
         )
     rows = _summarise("layercam forward", forward, "fused", ["eager"])
@@ -132,7 +96,7 @@ def _layercam_rows(repeats: int) -> list[dict]:
         return torch.autograd.grad(_eager_layercam(g_leaf, a_leaf), (g_leaf, a_leaf), upstream)
 
     torch.testing.assert_close(fused_backward(), eager_backward(), rtol=1e-5, atol=1e-5)
-    both = _interleaved({"fused": fused_backward, "eager autograd": eager_backward}, repeats)
+    both = interleave({"fused": fused_backward, "eager autograd": eager_backward}, repeats)
     rows += _summarise("layercam forward+backward", both, "fused", ["eager autograd"])
     return rows
 
@@ -160,7 +124,7 @@ def _mask_prior_rows(repeats: int, neighbours: int) -> list[dict]:
     expected = contenders["eager autograd"]()
     for name in ("fused", "compiled reference"):
         torch.testing.assert_close(contenders[name](), expected, rtol=1e-5, atol=1e-9, msg=name)
-    samples = _interleaved(contenders, repeats)
+    samples = interleave(contenders, repeats)
     return _summarise(
         f"mask_priors fwd+bwd, {neighbours}-neighbour",
         samples,

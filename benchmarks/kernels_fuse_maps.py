@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 
 import torch
-from kernels_cam_priors import THREADS, _interleaved, _summarise, markdown
+from _timing import interleave
+from kernels_cam_priors import THREADS, _summarise, markdown
 
 import fastxai.ops as ops
 from fastxai.ops import reference
@@ -33,7 +34,7 @@ def _fuse_rows(repeats: int, fusion: str) -> list[dict]:
     fused = ops.fuse_maps(raws, SIZE, fusion)
     torch.testing.assert_close(fused, reference.fuse_maps(raws, *SIZE, fusion), rtol=0, atol=1e-6)
     with torch.no_grad():
-        samples = _interleaved(
+        samples = interleave(
             {
                 "fused": lambda: ops.fuse_maps(raws, SIZE, fusion),
                 "eager reference": lambda: reference.fuse_maps(raws, *SIZE, fusion),

@@ -9,7 +9,8 @@
 * ``rpi_select`` at N=8, T=10, K=1000 against the eager reference.
 
 Contenders of a group are timed in rounds, the order rotating every round (A B C, B C A, ...);
-ratios are medians over rounds of ``contender / baseline`` in the same round, times are medians.
+ratios are medians over rounds of ``contender / baseline`` in the same round, times are medians
+(trusted samples only when there are any: ``benchmarks/_timing.py``).
 Each sample records ``os.getloadavg()[0]`` and the process CPU time over the wall time (about 2
 when both threads ran). Run ``python benchmarks/kernels_tft.py [--repeats R] [--threads 2]``.
 """
@@ -17,14 +18,20 @@ when both threads ran). Run ``python benchmarks/kernels_tft.py [--repeats R] [--
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from _timing import (
+    Sample,
+    interleave,
+    median_cpu_per_wall,
+    median_load,
+    median_ms,
+    paired_ratio,
+    trusted_count,
+)
 
 import fastxai.ops as ops
 from fastxai.ops import reference
@@ -34,32 +41,9 @@ N, T, C, SIZE, LOW = 8, 10, 3, 224, 7
 CLASSES = 1000
 
 
-def _sample(fn: Callable[[], Any], inner: int) -> tuple[float, float]:
-    """Wall and process CPU seconds of one call (the mean over ``inner`` back-to-back calls)."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - wall) / inner, (time.process_time() - cpu) / inner
-
-
-def _rounds(
-    contenders: dict[str, Callable[[], Any]], repeats: int, inner: int
-) -> dict[str, list[dict[str, float]]]:
-    names = list(contenders)
-    for fn in contenders.values():  # warm-up: allocator, caches, lazy initialisation
-        _sample(fn, inner)
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            load = os.getloadavg()[0]
-            wall, cpu = _sample(contenders[name], inner)
-            samples[name].append({"wall": wall, "cpu": cpu, "load": load})
-    return samples
-
-
 def _row(
     op: str,
-    samples: dict[str, list[dict[str, float]]],
+    samples: dict[str, list[Sample]],
     contender: str,
     baseline: str,
     target: str,
@@ -67,19 +51,20 @@ def _row(
     note: str = "",
 ) -> dict[str, Any]:
     mine, theirs = samples[contender], samples[baseline]
-    ratio = statistics.median(a["wall"] / b["wall"] for a, b in zip(mine, theirs, strict=True))
+    ratio = paired_ratio(mine, theirs)
     return {
         "op": op,
         "contender": contender,
         "baseline": baseline,
-        "contender_ms": 1e3 * statistics.median(s["wall"] for s in mine),
-        "baseline_ms": 1e3 * statistics.median(s["wall"] for s in theirs),
+        "contender_ms": median_ms(mine),
+        "baseline_ms": median_ms(theirs),
         "ratio": ratio,
         "target": target,
         "met": meets(ratio) if target else None,
-        "load_1m": statistics.median(s["load"] for s in mine + theirs),
-        "cpu_wall_contender": statistics.median(s["cpu"] / s["wall"] for s in mine),
-        "cpu_wall_baseline": statistics.median(s["cpu"] / s["wall"] for s in theirs),
+        "load_1m": median_load(mine, theirs),
+        "cpu_wall_contender": median_cpu_per_wall(mine),
+        "cpu_wall_baseline": median_cpu_per_wall(theirs),
+        "trusted": trusted_count(mine, theirs),
         "repeats": len(mine),
         "note": note,
     }
@@ -102,7 +87,7 @@ def _ladder_rows(repeats: int) -> list[dict[str, Any]]:
     compiled_reference(raw, images, thresholds)  # compile outside the timing
     note = f"max abs diff to reference: map {map_diff:.1e}, batch {batch_diff:.1e}"
 
-    out_samples = _rounds(
+    out_samples = interleave(
         {
             "fused out=": lambda: ops.tft_ladder(raw, images, thresholds, out=out),
             "eager reference": lambda: reference.tft_ladder(raw, images, thresholds),
@@ -112,7 +97,7 @@ def _ladder_rows(repeats: int) -> list[dict[str, Any]]:
         repeats,
         inner=1,
     )
-    alloc_samples = _rounds(
+    alloc_samples = interleave(
         {
             "fused allocating": lambda: ops.tft_ladder(raw, images, thresholds),
             "floor src.clone()": lambda: src.clone(),
@@ -143,7 +128,7 @@ def _select_rows(repeats: int) -> list[dict[str, Any]]:
         f"max |rpi diff| / (1 + rpi): {((rpi - expected_rpi).abs() / scale).max().item():.1e}, "
         f"index equal: {torch.equal(index, expected_index)}"
     )
-    samples = _rounds(
+    samples = interleave(
         {
             "fused": lambda: ops.rpi_select(logits, classes, original),
             "eager reference": lambda: reference.rpi_select(logits, classes, original),
@@ -167,8 +152,8 @@ def run(repeats: int = 15, threads: int = THREADS) -> list[dict[str, Any]]:
 def markdown(rows: list[dict[str, Any]]) -> str:
     header = (
         "| op | contender | vs | contender ms | vs ms | ratio | target | met | load 1m "
-        "| CPU/wall (contender, vs) | notes |\n"
-        "|---|---|---|---:|---:|---:|---|---|---:|---|---|\n"
+        "| CPU/wall (contender, vs) | trusted rounds | notes |\n"
+        "|---|---|---|---:|---:|---:|---|---|---:|---|---|---|\n"
     )
     lines = []
     for row in rows:
@@ -177,7 +162,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {row['op']} | {row['contender']} | {row['baseline']} "
             f"| {row['contender_ms']:.3f} | {row['baseline_ms']:.3f} | {row['ratio']:.2f} "
             f"| {row['target'] or '-'} | {met} | {row['load_1m']:.2f} "
-            f"| {row['cpu_wall_contender']:.2f}, {row['cpu_wall_baseline']:.2f} | {row['note']} |"
+            f"| {row['cpu_wall_contender']:.2f}, {row['cpu_wall_baseline']:.2f} "
+            f"| {row['trusted']} | {row['note']} |"
         )
     return header + "\n".join(lines)
 

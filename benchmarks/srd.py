@@ -32,7 +32,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,11 +44,19 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from _timing import (  # noqa: E402
+    Sample,
+    interleave,
+    kept_pairs,
+    median_load,
+    paired_ratio,
+    trusted_count,
+)
+
 from fastxai.decomposition import srd  # noqa: E402
 
 THREADS = 2
 TARGET_RATIO = 3.0
-TRUST = 1.7  # a 2-thread sample counts only if CPU time >= 1.7 x wall time (both threads ran)
 
 
 def build_model(name: str) -> nn.Module:
@@ -82,44 +89,28 @@ def contenders(model: nn.Module, x: torch.Tensor) -> dict[str, Callable[[], Any]
     return {"floor": floor, "srd": run_srd}
 
 
-def time_once(fn: Callable[[], Any]) -> dict[str, float]:
-    gc.collect()
-    load = os.getloadavg()[0]
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    fn()
-    wall1, cpu1 = time.perf_counter(), time.process_time()
-    wall = wall1 - wall0
-    return {"wall": wall, "cpu_per_wall": (cpu1 - cpu0) / wall, "load": load}
-
-
 def time_interleaved(model: nn.Module, x: torch.Tensor, repeats: int) -> dict[str, Any]:
-    fns = contenders(model, x)
-    for fn in fns.values():
-        fn()  # warm-up
-    samples: dict[str, list[dict[str, float]]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sample = time_once(fn)
-            samples[name].append(sample)
-            print(
-                f"  {name}: {1e3 * sample['wall']:.0f} ms, cpu/wall "
-                f"{sample['cpu_per_wall']:.2f}, load {sample['load']:.2f}",
-                file=sys.stderr,
-            )
-    # Rounds where both samples had both threads; every round when there is none.
-    pairs = list(zip(samples["srd"], samples["floor"], strict=True))
-    kept = [(s, f) for s, f in pairs if min(s["cpu_per_wall"], f["cpu_per_wall"]) >= TRUST]
-    kept = kept or pairs
-    ratios = [s["wall"] / f["wall"] for s, f in kept]
-    samples = {"srd": [s for s, _ in kept], "floor": [f for _, f in kept]}
+    def report(name: str, sample: Sample) -> None:
+        print(
+            f"  {name}: {1e3 * sample.wall:.0f} ms, cpu/wall {sample.cpu_per_wall:.2f}, "
+            f"load {sample.load:.2f}",
+            file=sys.stderr,
+        )
+
+    samples = interleave(contenders(model, x), repeats, rotate=False, report=report)
+    pairs = kept_pairs(samples["srd"], samples["floor"])
+    kept = {"srd": [s for s, _ in pairs], "floor": [f for _, f in pairs]}
     return {
         name: {
-            "ms": 1e3 * statistics.median(s["wall"] for s in runs),
-            "cpu_per_wall": statistics.median(s["cpu_per_wall"] for s in runs),
-            "load": statistics.median(s["load"] for s in runs),
+            "ms": 1e3 * statistics.median(s.wall for s in runs),
+            "cpu_per_wall": statistics.median(s.cpu_per_wall for s in runs),
+            "load": median_load(runs),
         }
-        for name, runs in samples.items()
-    } | {"ratio": statistics.median(ratios), "rounds": f"{len(kept)}/{len(pairs)}"}
+        for name, runs in kept.items()
+    } | {
+        "ratio": paired_ratio(samples["srd"], samples["floor"]),
+        "rounds": trusted_count(samples["srd"], samples["floor"]),
+    }
 
 
 def _status_kb(field: str) -> int:
