@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import gzip
+import math
 import struct
 
 import pytest
@@ -110,6 +111,42 @@ def test_mask_term_is_learned() -> None:
     cfg = AFTConfig(epochs=8, lam=10.0, optimizer="adam", lr=1e-2, batch_size=16, progress=False)
     history = train_aft(model, "layer3", x, y, targets, cfg).history
     assert history[-1]["mask"] < 0.75 * history[0]["mask"]
+
+
+@pytest.mark.parametrize("linear", [False, True])
+def test_tuner_start_at_outputs_the_constant(linear: bool) -> None:
+    torch.manual_seed(0)
+    tuner = Tuner(6, linear=linear)
+    tuner.start_at(0.8)
+    out = tuner(torch.randn(3, 6, 4, 5) * 10)
+    torch.testing.assert_close(out, torch.full((3, 1, 4, 5), 0.8))
+    assert torch.equal(tuner.project.weight, torch.zeros_like(tuner.project.weight))
+
+
+def test_mean_tuner_init_starts_at_the_targets_mean_and_sends_no_first_gradient() -> None:
+    """``tuner_init="mean"``: the tuner outputs the targets' mean m (sigmoid bias logit(m)), so
+    one full-batch SGD step with lambda = 10 changes the network exactly as lambda = 0 does; with
+    a random tuner the mask term moves layer 3 at once."""
+    model, x, y, targets = tiny_problem(n=32)
+    m = float(targets.mean())
+    start = train_aft(model, "layer3", x, y, targets, AFTConfig(epochs=0, tuner_init="mean"))
+    assert float(start.tuner["project.bias"]) == pytest.approx(math.log(m / (1 - m)), rel=1e-6)
+    assert not start.tuner["project.weight"].any()
+    one_step = {"epochs": 1, "batch_size": 32, "lr": 0.05, "progress": False}
+    results = {
+        (init, lam): train_aft(
+            model, "layer3", x, y, targets, AFTConfig(lam=lam, tuner_init=init, **one_step)
+        ).state_dict
+        for init in ("mean", "random")
+        for lam in (0.0, 10.0)
+    }
+    for name, value in results["mean", 0.0].items():
+        torch.testing.assert_close(results["mean", 10.0][name], value, rtol=0, atol=1e-7)
+    assert not torch.allclose(
+        results["random", 10.0]["layer3.0.weight"], results["random", 0.0]["layer3.0.weight"]
+    )
+    with pytest.raises(ValueError, match="tuner_init"):
+        AFTConfig(tuner_init="zeros")
 
 
 def test_resume_gives_the_uninterrupted_result(tmp_path) -> None:

@@ -94,6 +94,8 @@ def test_cli_pretrain_prepare_train_evaluate(tmp_path, capsys) -> None:
                 "32",
                 "--lr",
                 "0.01",
+                "--tuner-init",
+                "mean",
                 *small,
             ]
         )

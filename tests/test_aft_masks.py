@@ -77,6 +77,29 @@ def test_targets_are_pooled_tft_masks(tmp_path) -> None:
     assert torch.equal(nearest, direct.mask[:, ::4, ::4].float())
 
 
+def test_percentile_tft_options_and_nearest_pool(tmp_path) -> None:
+    """``tft_options={"mode": "percentile"}`` reaches TFT: each image keeps all its positive
+    pixels (tau* = 0) or exactly ``HW - floor(tau* HW)`` of them with tau* in 0.1..0.9; ``nearest``
+    targets are the mask at every 4th pixel."""
+    model, images = problem(12)
+    options = {"mode": "percentile"}
+    generate(model, images, tmp_path, keep_masks=True, pool="nearest", tft_options=options)
+    fields = load_targets(tmp_path)
+    direct = gradcam(model, images, "layer3", tft=True, tft_options=options)
+    assert torch.equal(fields["mask"], direct.mask)
+    assert torch.equal(fields["tau"], direct.tau.float())
+    assert torch.equal(fields["target"], direct.mask[:, ::4, ::4].float())
+    tau = fields["tau"].double()
+    muted = tau > 0
+    assert bool(muted.any())  # some image was muted: the check below is not vacuous
+    ladder = torch.arange(1, 10, dtype=torch.float64) / 10
+    assert bool(torch.isclose(tau[muted, None], ladder[None]).any(1).all())
+    kept = fields["mask"].flatten(1).sum(1)
+    assert torch.equal(kept[muted], 256 - torch.floor(tau[muted] * 256).long())
+    positive = (direct.extras["original_maps"] > 0).flatten(1).sum(1)
+    assert torch.equal(kept[~muted], positive[~muted])
+
+
 def test_resume_after_an_exception_equals_an_uninterrupted_run(tmp_path) -> None:
     model, images = problem()
     generate(model, images, tmp_path / "full")

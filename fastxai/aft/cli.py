@@ -75,6 +75,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     train.add_argument("--lam", type=float, default=1.0, help="lambda of Eq. 8")
     train.add_argument("--reduction", choices=["mean", "sum"], default="mean")
     train.add_argument("--linear", action="store_true", help="tuner without ReLU and sigmoid")
+    train.add_argument(
+        "--tuner-init",
+        choices=["random", "mean"],
+        default="random",
+        help="tuner start: random, or the constant mean of the targets",
+    )
     train.add_argument("--compile", action="store_true", help="torch.compile the loss")
     _common(train)
 
@@ -204,6 +210,7 @@ def _train(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         seed=args.seed,
         linear=args.linear,
+        tuner_init=args.tuner_init,
         compile=args.compile,
         progress=not args.quiet,
     )

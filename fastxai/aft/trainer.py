@@ -34,6 +34,7 @@ from fastxai.aft.tuner import Tuner, tuner_loss
 from fastxai.io import atomic_save
 
 Optimiser = Literal["sgd", "adam", "adamw"]
+TunerInit = Literal["random", "mean"]
 # Fields that may change between a run and its resumption without changing its result.
 _RESUMABLE_CHANGES = {"epochs", "compile", "progress"}
 
@@ -50,6 +51,13 @@ class AFTConfig:
         epochs: passes over the training set; batch_size: global batch (divided among ranks).
         seed: seeds the tuner's initialisation and each epoch's shuffle (``seed + epoch``).
         linear: the tuner without ReLU and sigmoid (the paper's literal reading).
+        tuner_init: ``"random"`` (PyTorch's default initialisation of both 1x1 convolutions) or
+            ``"mean"``: the tuner starts at the constant :math:`\bar m`, the mean of all targets
+            (:meth:`~fastxai.aft.Tuner.start_at`). A random tuner's output is far from the
+            targets' mean, and the mask term then pushes layer ℓ towards the mean map. That push
+            costs accuracy and carries no per-image information. With ``"mean"`` the mask
+            term starts at the targets' variance, and only what the tuner learns beyond the mean
+            reaches layer ℓ.
         compile: run the loss (network + tuner) through ``torch.compile``.
         progress: show a tqdm bar on rank 0.
     """
@@ -64,6 +72,7 @@ class AFTConfig:
     batch_size: int = 64
     seed: int = 0
     linear: bool = False
+    tuner_init: TunerInit = "random"
     compile: bool = False
     progress: bool = True
 
@@ -74,6 +83,8 @@ class AFTConfig:
             raise ValueError(f"reduction must be 'mean' or 'sum', got {self.reduction!r}")
         if self.optimizer not in ("sgd", "adam", "adamw"):
             raise ValueError(f"optimizer must be 'sgd', 'adam' or 'adamw', got {self.optimizer!r}")
+        if self.tuner_init not in ("random", "mean"):
+            raise ValueError(f"tuner_init must be 'random' or 'mean', got {self.tuner_init!r}")
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs must be >= 0, batch_size >= 1 and lr > 0")
 
@@ -215,6 +226,8 @@ class AFTTrainer:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             tuner = Tuner(channels, linear=cfg.linear).to(device)
+        if cfg.tuner_init == "mean":
+            tuner.start_at(float(targets[:].float().mean()))
         network = _TunedNetwork(model, self.layer, tuner)
         trainable = [p for p in network.parameters() if p.requires_grad]
         optimiser = _make_optimiser(cfg, trainable)
@@ -311,6 +324,9 @@ def _make_optimiser(cfg: AFTConfig, parameters: list[nn.Parameter]) -> torch.opt
 
 
 def _check_resumable(saved: dict[str, Any], wanted: dict[str, Any], path: object) -> None:
+    # A field the checkpoint lacks (written before the field existed) had its default value.
+    defaults = asdict(AFTConfig())
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     differs = sorted(
         k
         for k in set(saved) | set(wanted)

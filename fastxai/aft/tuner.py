@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -30,6 +32,25 @@ class Tuner(nn.Module):
         self.linear = linear
         self.reduce = nn.Conv2d(in_channels, TUNER_CHANNELS, kernel_size=1)
         self.project = nn.Conv2d(TUNER_CHANNELS, 1, kernel_size=1)
+
+    @torch.no_grad()
+    def start_at(self, value: float) -> None:
+        r"""Make the tuner output the constant ``value`` for every input.
+
+        The last 1x1 convolution gets zero weights and the bias :math:`b_2 = \mathrm{logit}(v)
+        = \log(v / (1 - v))` (``linear``: :math:`b_2 = v`), with :math:`v` clipped to
+        :math:`[10^{-4}, 1 - 10^{-4}]` for the sigmoid. The first layer keeps its weights, so the
+        tuner can still learn: the gradient of :math:`W_2` is :math:`\mathrm{ReLU}(W_1 A + b_1)`
+        times the residual. Until :math:`W_2` moves, the loss sends no gradient into ``A``.
+        """
+        if not 0 <= value <= 1 and not self.linear:
+            raise ValueError(f"value must lie in [0, 1] for the sigmoid tuner, got {value}")
+        self.project.weight.zero_()
+        if self.linear:
+            self.project.bias.fill_(value)
+        else:
+            v = min(max(value, 1e-4), 1 - 1e-4)
+            self.project.bias.fill_(math.log(v / (1 - v)))
 
     def forward(self, activation: Tensor) -> Tensor:
         if activation.dim() != 4:
