@@ -135,7 +135,9 @@ def test_a_batch_of_classes_equals_a_loop_over_classes(tv_model, images, name, r
     batch = srd(model, x.expand(3, -1, -1, -1), classes, rule=rule)
     for i, c in enumerate(classes):
         single = srd(model, x, c, rule=rule)
-        assert _rel(batch.raw[i], single.raw[0]) < 1e-5
+        # float32 convolutions of 3 images and of 1 sum in different orders (1.8e-5 seen with
+        # one thread on vgg16_bn)
+        assert _rel(batch.raw[i], single.raw[0]) < 1e-4
     assert _rel(batch.raw[0], batch.raw[1]) > 1e-2  # the classes do differ
 
 
