@@ -12,6 +12,8 @@ and process CPU time / wall time beside each figure. ``--full`` also runs one fu
 schedule of each and compares the final losses.
 
     flock /tmp/fastxai-bench.lock .venv/bin/python benchmarks/am.py --threads 2
+
+``--batch B`` gives fastxai B images per call (one generator each) and divides its step time by B.
 """
 
 from __future__ import annotations

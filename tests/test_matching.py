@@ -281,6 +281,28 @@ def _run(model: nn.Module, x: Tensor, steps: int, seed: int = 0, **kw) -> object
     return activation_matching(model, x, steps=steps, seed=seed, **options)
 
 
+def test_grouped_and_per_generator_unets_agree_in_values_and_gradients() -> None:
+    # The CPU runs each generator on its own, accelerators one grouped convolution per layer;
+    # both must compute the same function of the stacked weights.
+    x = tiny_images(3)
+    outputs, grads = [], []
+    for grouped in (True, False):
+        params = init_generator_params([4, 5, 6], width=4, depth=2)
+        for t in params.values():
+            t.requires_grad_(True)
+        logits = generator_logits(params, x, grouped=grouped)
+        (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
+        outputs.append(logits.detach())
+        grads.append([t.grad for t in params.values()])
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-6)
+    assert outputs[0].std() > 0
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert a.abs().sum() > 0
+    alone = generator_logits(init_generator_params([5], width=4, depth=2), x[1:2])
+    torch.testing.assert_close(outputs[1][1:2], alone, rtol=0, atol=0)
+
+
 def test_batched_generators_agree_with_one_by_one_training() -> None:
     model, x = windowed_model(), tiny_images(3)
     options = dict(width=8, weights=TINY_WEIGHTS)
@@ -297,9 +319,9 @@ def test_batched_generators_agree_with_one_by_one_training() -> None:
         torch.testing.assert_close(
             together.extras["soft_mask"][n], alone.extras["soft_mask"][0], rtol=0, atol=1e-5
         )
-    # Over many steps float32 rounding differences between grouped and single convolutions grow
-    # where p hovers at 0.5 (the straight-through threshold) and flip pixels; in float64 the
-    # two trainings stay within ~1e-12 of each other.
+    # Over many steps float32 rounding differences between the classifier's batch of N (1 + K)
+    # and of 1 + K images grow where p hovers at 0.5 (the straight-through threshold) and flip
+    # pixels (IoU 0.65-1.0 after 150 steps); in float64 the two trainings stay within ~1e-12.
     model, x = model.double(), x.double()
     long_together = _run(model, x, steps=150, **options)
     for n in range(3):
@@ -308,6 +330,26 @@ def test_batched_generators_agree_with_one_by_one_training() -> None:
         assert 0 < both.sum() < both.numel()  # a real mask, not all or nothing
         iou = (both & alone).sum() / (both | alone).sum()
         assert iou >= 0.99
+
+
+def test_per_image_weights_and_seeds_equal_separate_runs() -> None:
+    # A weight sweep in one call: one photo twice, the same seed, two weight sets.
+    model, x = windowed_model(), tiny_images(1)
+    sets = [dict(TINY_WEIGHTS), dict(TINY_WEIGHTS, area=TINY_WEIGHTS["area"] * 4)]
+    together = _run(model, x.repeat(2, 1, 1, 1), steps=5, seed=[3, 3], width=8, weights=sets)
+    assert together.extras["weights"] == [LossWeights.from_any(w) for w in sets]
+    for n, weights in enumerate(sets):
+        alone = _run(model, x, steps=5, seed=3, width=8, weights=weights)
+        for term in [*TERMS, "total"]:
+            torch.testing.assert_close(
+                together.extras["loss_history"][term][:, n],
+                alone.extras["loss_history"][term][:, 0],
+                rtol=1e-6,
+                atol=1e-5,
+            )
+    area = together.extras["loss_history"]["area"]
+    torch.testing.assert_close(area[0, 0], area[0, 1])  # same start
+    assert area[-1, 1] < area[-1, 0]  # the heavier area weight shrinks the mask faster
 
 
 def test_end_to_end_loss_falls_mask_gets_sparse_top1_kept() -> None:
@@ -378,6 +420,9 @@ def test_bad_input_names_the_argument_and_leaves_the_model_alone() -> None:
         (dict(layers=["nope"]), ValueError, "nope"),
         (dict(depth=5), ValueError, "divisible"),
         (dict(generator_precision="fp8"), ValueError, "generator_precision"),
+        (dict(weights=[{}, {}]), ValueError, "one entry per image"),
+        (dict(seed=[0, 1]), ValueError, "seed"),
+        (dict(seed=1.5), TypeError, "seed"),
     ]
     for options, error, message in cases:
         kw = dict(steps=2)

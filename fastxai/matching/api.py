@@ -66,6 +66,36 @@ def check_options(
         )
 
 
+def per_image_seeds(seed: int | Sequence[int], n: int) -> list[int]:
+    """``seed + i`` for image ``i``, or the given sequence of ``n`` seeds."""
+    if isinstance(seed, Sequence) and not isinstance(seed, str):
+        seeds = list(seed)
+        if len(seeds) != n or any(not isinstance(s, int) or isinstance(s, bool) for s in seeds):
+            raise ValueError(f"seed: expected an int or {n} ints (one per image), got {seed!r}")
+        return seeds
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise TypeError(f"seed must be an int or a sequence of ints, got {type(seed).__name__}")
+    return [seed + i for i in range(n)]
+
+
+def per_image_weights(weights: object, n: int) -> LossWeights | list[LossWeights]:
+    """One :class:`LossWeights` for every image, or a list of ``n`` (one per image)."""
+    if isinstance(weights, Sequence) and not isinstance(weights, str):
+        if len(weights) != n:
+            raise ValueError(
+                f"weights: a sequence needs one entry per image ({n}), got {len(weights)}"
+            )
+        return [LossWeights.from_any(w) for w in weights]
+    return LossWeights.from_any(weights)
+
+
+def weights_tensor(weights: LossWeights | list[LossWeights], like: Tensor) -> Tensor:
+    """``(T,)`` for one weight set, ``(N, T)`` for one per image; in :data:`TERMS` order."""
+    if isinstance(weights, list):
+        return torch.stack([w.as_tensor(like) for w in weights])
+    return weights.as_tensor(like)
+
+
 @torch.no_grad()
 def compute_targets(
     extractor: nn.Module, x: Tensor, layers: list[MatchedLayer]
@@ -93,9 +123,12 @@ def activation_matching(
     targets: int | Sequence[int] | Tensor | None = None,
     layers: Sequence[Any] | None = None,
     steps: int = DEFAULT_STEPS,
-    weights: LossWeights | dict[str, float] | None = None,
+    weights: LossWeights
+    | dict[str, float]
+    | Sequence[LossWeights | dict[str, float]]
+    | None = None,
     *,
-    seed: int = DEFAULT_SEED,
+    seed: int | Sequence[int] = DEFAULT_SEED,
     progress: bool = True,
     lr: float = DEFAULT_LR,
     temperature: float = 2.0,
@@ -126,10 +159,13 @@ def activation_matching(
     * TV: mean-reduced L1, 4-neighbour (``neighbours=8``: diagonals weighted :math:`1/\sqrt2`).
 
     ``y`` is ``targets`` (class indices) or, by default, the top-1 class of ``x``.
-    ``weights``: :class:`LossWeights` or a dict overriding some of its defaults. Image ``n`` uses
-    seed ``seed + n`` (its generator's initial weights and its noise), so a batch gives the same
-    masks as explaining its images one by one. ``compile`` runs the step through
-    ``torch.compile(fullgraph=True)`` (the first call compiles, 10-40 s on a CPU).
+    ``weights``: :class:`LossWeights` or a dict overriding some of its defaults, or a sequence of
+    those, one per image (e.g. a weight sweep: the same photo repeated, one weight set each).
+    Image ``n`` uses seed ``seed + n`` (its generator's initial weights and its noise), so a batch
+    gives the same masks as explaining its images one by one; ``seed`` may also be a sequence of
+    one seed per image (repeat a seed to give copies of a photo the same start and noise).
+    ``compile`` runs the step through ``torch.compile(fullgraph=True)`` (the first call
+    compiles, 10-40 s on a CPU).
     ``generator_precision="bfloat16"`` runs the U-Net under autocast (1.6x faster on a CPU with
     AVX512-BF16; the classifier and the loss stay in the input's dtype); masks differ slightly
     from the float32 default where ``p`` is near 0.5.
@@ -137,19 +173,22 @@ def activation_matching(
     Returns an :class:`Explanation` with ``mask`` ``(N, H, W)`` bool, ``maps`` the same as float,
     and ``extras``: ``explanation`` (e), ``soft_mask`` (p), ``kept_fraction``, ``top1_x``,
     ``top1_e``, ``top1_kept``, ``prob_x`` and ``prob_e`` (softmax probability of ``y``),
-    ``loss_history`` (term -> ``(steps, N)``, plus ``"total"``), ``layers``, ``weights``.
+    ``loss_history`` (term -> ``(steps, N)``, plus ``"total"``), ``layers``, ``weights`` (as
+    given: one :class:`LossWeights`, or a list of them).
     """
     check_model(model)
     check_images(model, x)
-    check_options(x, steps, lr, temperature, neighbours, backgrounds, width, depth, seed)
     if x.shape[0] == 0:
         raise ValueError("x: expected at least one image, got an empty batch")
+    n = x.shape[0]
+    seeds = per_image_seeds(seed, n)
+    check_options(x, steps, lr, temperature, neighbours, backgrounds, width, depth, seeds[0])
     precisions = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if generator_precision not in precisions:
         raise ValueError(
             f"generator_precision must be one of {list(precisions)}, got {generator_precision!r}"
         )
-    loss_weights = LossWeights.from_any(weights)
+    loss_weights = per_image_weights(weights, n)
     images = x.detach()
     matched = normalise_layers(model, images, layers)
     extractor = feature_extractor(model, [layer.name for layer in matched])
@@ -158,8 +197,6 @@ def activation_matching(
         raise TypeError("targets: activation_matching needs class indices, not callables")
     labels = resolve_targets(targets, target_logits).classes
 
-    n = images.shape[0]
-    seeds = [seed + i for i in range(n)]
     params = init_generator_params(
         seeds,
         in_channels=images.shape[1],
@@ -173,10 +210,12 @@ def activation_matching(
         distances=tuple(layer.distance for layer in matched),
         temperature=float(temperature),
         neighbours=neighbours,
-        with_necessity=loss_weights.nec > 0,
+        with_necessity=any(w.nec > 0 for w in loss_weights)
+        if isinstance(loss_weights, list)
+        else loss_weights.nec > 0,
         generator_autocast=precisions[generator_precision],
     )
-    weight_tensor = loss_weights.as_tensor(images)
+    weight_tensor = weights_tensor(loss_weights, images)
     result = train_generators(
         params,
         images,
@@ -214,13 +253,13 @@ def finish_explanation(
     target_logits: Tensor,
     labels: Tensor,
     history: Tensor,
-    loss_weights: LossWeights,
+    loss_weights: LossWeights | list[LossWeights],
     matched: list[MatchedLayer],
     generator_autocast: torch.dtype | None,
 ) -> Explanation:
     """The final hard masks ``1[p > 0.5]`` of trained generators, ``e = m * x`` and one forward
     of ``e``: the :class:`Explanation` of :func:`activation_matching`."""
-    weight_tensor = loss_weights.as_tensor(images)
+    weight_tensor = weights_tensor(loss_weights, images)
     with torch.autocast(
         images.device.type,
         dtype=generator_autocast or torch.bfloat16,

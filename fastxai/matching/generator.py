@@ -1,9 +1,13 @@
 """The mask generator of SPEC §C.1: a U-Net per image, many images trained in one launch.
 
-Each image has its own generator. Their weights are stacked along a leading group axis ``G`` and
-every convolution runs as one grouped convolution (``groups=G``) over the images laid side by side
-in the channel axis, so ``G`` generators cost one kernel launch per layer. (``torch.func.vmap``
-would fall back to a loop over the custom ``mask_priors`` op; ARCHITECTURE.md §4.)
+Each image has its own generator. Their weights are stacked along a leading group axis ``G``. On
+an accelerator every convolution runs as one grouped convolution (``groups=G``) over the images
+laid side by side in the channel axis, so ``G`` generators cost one kernel launch per layer. On the
+CPU each generator runs on its own, one U-Net after the other: a launch costs nothing there beside
+a 224x224 convolution, and oneDNN returns grouped outputs channels-last, which the compiled step
+then spends more time transposing than the grouped call saved (batch 4 ran 1.25x slower per image
+than batch 1). (``torch.func.vmap`` would fall back to a loop over the custom ``mask_priors`` op;
+ARCHITECTURE.md §4.)
 
 Architecture (width ``w``, depth ``d``; the notebook's ``UNetCSAE`` is ``w = 32, d = 4``):
 encoder ``d`` DoubleConv stages ``3 -> w -> 2w -> ... -> 2^{d-1} w``, each followed by a 2x2 max
@@ -128,10 +132,25 @@ def _up(x: Tensor, params: GeneratorParams, name: str) -> Tensor:
     return y.view(groups, cout, 2 * height, 2 * width)
 
 
-def generator_logits(params: GeneratorParams, x: Tensor) -> Tensor:
+def generator_logits(params: GeneratorParams, x: Tensor, *, grouped: bool | None = None) -> Tensor:
     """Mask logits ``(N, 1, H, W)``: of image ``x[g]`` under generator ``g`` (``N = G``), or of
     every image under the one generator (``G = 1``). ``H`` and ``W`` must be divisible by
-    ``2^depth``."""
+    ``2^depth``. ``grouped``: one grouped convolution per layer for all ``G`` generators, or each
+    generator on its own; default grouped except on the CPU (see the module docstring)."""
+    groups = next(iter(params.values())).shape[0]
+    if grouped is None:
+        grouped = x.device.type != "cpu"
+    if groups > 1 and not grouped:
+        return torch.cat(
+            [
+                _unet_logits({name: t[g : g + 1] for name, t in params.items()}, x[g : g + 1])
+                for g in range(groups)
+            ]
+        )
+    return _unet_logits(params, x)
+
+
+def _unet_logits(params: GeneratorParams, x: Tensor) -> Tensor:
     depth = generator_depth(params)
     skips: list[Tensor] = []
     h = x
