@@ -147,6 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
         "paper's schedule)",
     )
     explain.add_argument(
+        "--am-restarts",
+        type=int,
+        default=1,
+        metavar="R",
+        help="--method am: train R generators (seeds) per image together and keep the one with "
+        "the lowest final loss (default: %(default)s)",
+    )
+    explain.add_argument(
         "--tft",
         action="store_true",
         help="also threshold fine-tune the map (fastxai.tft): print tau*, write "
@@ -319,6 +327,8 @@ def explain_am(
 
     if args.am_steps < 1:
         raise CliError(f"--am-steps: expected a positive number of steps, got {args.am_steps}")
+    if args.am_restarts < 1:
+        raise CliError(f"--am-restarts: expected a positive number, got {args.am_restarts}")
     try:
         _, summary, written = explain_and_draw(
             loaded.model,
@@ -327,6 +337,7 @@ def explain_am(
             Path(args.out) / f"{path.stem}_am.png",
             target=target,
             steps=args.am_steps,
+            restarts=args.am_restarts,
         )
     except (ValueError, TypeError) as exc:
         raise CliError(f"--method am: {exc}") from exc

@@ -172,7 +172,11 @@ def test_explain_with_srd_on_efficientnet_exits_2_naming_the_model(
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--tft"], "--tft"), (["--am-steps", "0"], "--am-steps")],
+    [
+        (["--tft"], "--tft"),
+        (["--am-steps", "0"], "--am-steps"),
+        (["--am-restarts", "0"], "--am-restarts"),
+    ],
 )
 def test_explain_with_am_rejects_bad_options_naming_them(
     photo: tuple[Path, np.ndarray],

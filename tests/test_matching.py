@@ -352,6 +352,32 @@ def test_per_image_weights_and_seeds_equal_separate_runs() -> None:
     assert area[-1, 1] < area[-1, 0]  # the heavier area weight shrinks the mask faster
 
 
+def test_restarts_keep_the_lowest_loss_run_of_each_image() -> None:
+    from fastxai.matching.api import RESTART_LOSS_STEPS, RESTART_SEED_STRIDE
+
+    model, x = windowed_model(), tiny_images(2)
+    options = dict(width=8, weights=TINY_WEIGHTS)
+    ex = _run(model, x, steps=12, seed=5, restarts=3, **options)
+    losses, kept = ex.extras["restart_losses"], ex.extras["restart_kept"]
+    assert losses.shape == (2, 3) and (kept == losses.argmin(1)).all()
+    for n in range(2):
+        alone_losses = []
+        for r in range(3):
+            alone = _run(
+                model, x[n : n + 1], steps=12, seed=5 + n + r * RESTART_SEED_STRIDE, **options
+            )
+            total = alone.extras["loss_history"]["total"][:, 0]
+            alone_losses.append(total[-RESTART_LOSS_STEPS:].mean())
+            if r == int(kept[n]):
+                torch.testing.assert_close(
+                    ex.extras["loss_history"]["total"][:, n], total, rtol=1e-6, atol=1e-5
+                )
+                torch.testing.assert_close(ex.extras["soft_mask"][n], alone.extras["soft_mask"][0])
+        torch.testing.assert_close(losses[n], torch.stack(alone_losses), rtol=1e-6, atol=1e-5)
+        assert losses[n].max() > losses[n].min()  # the restarts really differ
+    assert "restart_losses" not in _run(model, x, steps=2, **options).extras
+
+
 def test_end_to_end_loss_falls_mask_gets_sparse_top1_kept() -> None:
     # float64: in float32 the 200-step trajectory depends on the thread count's reduction order
     # (one image stayed at 54 % kept with 1 thread, 20 % with 2).
@@ -423,6 +449,7 @@ def test_bad_input_names_the_argument_and_leaves_the_model_alone() -> None:
         (dict(weights=[{}, {}]), ValueError, "one entry per image"),
         (dict(seed=[0, 1]), ValueError, "seed"),
         (dict(seed=1.5), TypeError, "seed"),
+        (dict(restarts=0), ValueError, "restarts"),
     ]
     for options, error, message in cases:
         kw = dict(steps=2)

@@ -31,6 +31,10 @@ from fastxai.targets import resolve_targets
 DEFAULT_STEPS = 880
 DEFAULT_LR = 5e-5
 DEFAULT_SEED = 0
+# Restart r of an image with seed s starts from seed s + r * RESTART_SEED_STRIDE.
+RESTART_SEED_STRIDE = 100_003
+# The restart kept is the one with the lowest weighted loss, averaged over its last steps.
+RESTART_LOSS_STEPS = 10
 
 
 def check_options(
@@ -138,6 +142,7 @@ def activation_matching(
     depth: int = 4,
     compile: bool = True,
     generator_precision: str = "float32",
+    restarts: int = 1,
 ) -> Explanation:
     r"""Minimal binary masks ``m`` whose explanation :math:`e = m \odot x` keeps the model's
     activations and prediction (Activation Matching, SPEC.md §C).
@@ -170,6 +175,13 @@ def activation_matching(
     AVX512-BF16; the classifier and the loss stay in the input's dtype); masks differ slightly
     from the float32 default where ``p`` is near 0.5.
 
+    ``restarts``: train that many generators per image (restart ``r`` from seed
+    ``seed_n + r * 100003``, all in the same batched steps) and keep, per image, the one with the
+    lowest weighted loss over its last 10 steps. The objective is not convex and on real
+    classifiers different seeds end in minima of very different size (benchmarks/README.md);
+    ``extras["restart_losses"]`` ``(N, restarts)`` and ``extras["restart_kept"]`` (the index
+    chosen) say how far apart they ended.
+
     Returns an :class:`Explanation` with ``mask`` ``(N, H, W)`` bool, ``maps`` the same as float,
     and ``extras``: ``explanation`` (e), ``soft_mask`` (p), ``kept_fraction``, ``top1_x``,
     ``top1_e``, ``top1_kept``, ``prob_x`` and ``prob_e`` (softmax probability of ``y``),
@@ -188,6 +200,8 @@ def activation_matching(
         raise ValueError(
             f"generator_precision must be one of {list(precisions)}, got {generator_precision!r}"
         )
+    if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 1:
+        raise ValueError(f"restarts must be an int >= 1, got {restarts!r}")
     loss_weights = per_image_weights(weights, n)
     images = x.detach()
     matched = normalise_layers(model, images, layers)
@@ -197,8 +211,19 @@ def activation_matching(
         raise TypeError("targets: activation_matching needs class indices, not callables")
     labels = resolve_targets(targets, target_logits).classes
 
+    # restart r of image i is run i * restarts + r
+    run_seeds = [s + r * RESTART_SEED_STRIDE for s in seeds for r in range(restarts)]
+    run_weights = (
+        [w for w in loss_weights for _ in range(restarts)]
+        if isinstance(loss_weights, list)
+        else loss_weights
+    )
+
+    def per_run(t: Tensor) -> Tensor:
+        return t.repeat_interleave(restarts, 0) if restarts > 1 else t
+
     params = init_generator_params(
-        seeds,
+        run_seeds,
         in_channels=images.shape[1],
         width=width,
         depth=depth,
@@ -215,34 +240,46 @@ def activation_matching(
         else loss_weights.nec > 0,
         generator_autocast=precisions[generator_precision],
     )
-    weight_tensor = weights_tensor(loss_weights, images)
+    run_weight_tensor = weights_tensor(run_weights, images)
     result = train_generators(
         params,
-        images,
-        target_logits,
-        target_features,
-        labels,
-        weight_tensor,
+        per_run(images),
+        per_run(target_logits),
+        [per_run(f) for f in target_features],
+        per_run(labels),
+        run_weight_tensor,
         extractor,
         config,
         steps=steps,
         lr=lr,
         backgrounds=tuple(backgrounds),
-        seeds=seeds,
+        seeds=run_seeds,
         compile=compile,
         progress=progress,
     )
-    return finish_explanation(
+    kept_params, history = result.params, result.history
+    restart_extras: dict[str, Tensor] = {}
+    if restarts > 1:
+        final = (result.history[-RESTART_LOSS_STEPS:] * run_weight_tensor.float()).sum(2).mean(0)
+        final = final.view(n, restarts)
+        best = final.argmin(1)
+        runs = torch.arange(n) * restarts + best.cpu()
+        kept_params = {name: t[runs.to(t.device)] for name, t in result.params.items()}
+        history = result.history[:, runs.to(history.device)]
+        restart_extras = {"restart_losses": final, "restart_kept": best}
+    explanation = finish_explanation(
         extractor,
-        result.params,
+        kept_params,
         images,
         target_logits,
         labels,
-        result.history,
+        history,
         loss_weights,
         matched,
         config.generator_autocast,
     )
+    explanation.extras.update(restart_extras)
+    return explanation
 
 
 @torch.no_grad()
