@@ -376,6 +376,19 @@ def test_restarts_keep_the_lowest_loss_run_of_each_image() -> None:
         torch.testing.assert_close(losses[n], torch.stack(alone_losses), rtol=1e-6, atol=1e-5)
         assert losses[n].max() > losses[n].min()  # the restarts really differ
     assert "restart_losses" not in _run(model, x, steps=2, **options).extras
+    torch.testing.assert_close(
+        ex.extras["kept_fraction"], ex.extras["restart_kept_fraction"][torch.arange(2), kept]
+    )
+    smallest = _run(model, x, steps=12, seed=5, restarts=3, keep="smallest", **options).extras
+    torch.testing.assert_close(
+        smallest["restart_kept_fraction"], ex.extras["restart_kept_fraction"]
+    )
+    for n in range(2):
+        choice, fractions = int(smallest["restart_kept"][n]), smallest["restart_kept_fraction"][n]
+        top1 = smallest["restart_top1_kept"][n]
+        assert top1.any()  # else the rule falls back to the loss; this case must test the rule
+        assert top1[choice] and fractions[choice] == fractions[top1].min()
+        assert smallest["kept_fraction"][n] == fractions[choice]
 
 
 def test_end_to_end_loss_falls_mask_gets_sparse_top1_kept() -> None:
@@ -450,6 +463,7 @@ def test_bad_input_names_the_argument_and_leaves_the_model_alone() -> None:
         (dict(seed=[0, 1]), ValueError, "seed"),
         (dict(seed=1.5), TypeError, "seed"),
         (dict(restarts=0), ValueError, "restarts"),
+        (dict(restarts=2, keep="largest"), ValueError, "keep"),
     ]
     for options, error, message in cases:
         kw = dict(steps=2)
@@ -559,5 +573,6 @@ def test_demo_photo_writes_the_panel_and_says_the_schedule_was_reduced(tmp_path)
     )
     assert (tmp_path / "noise_am.png").is_file() and result["path"].endswith("noise_am.png")
     assert "reduced from the default 880" in lines[0] and "2 steps" in lines[0]
+    assert "3 seeds, showing the smallest mask that keeps the top-1" in lines[0]
     assert lines[1].strip().startswith("AM 2/880 steps: kept")
     assert 0.0 <= result["kept"] <= 1.0 and result["steps"] == 2

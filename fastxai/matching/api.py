@@ -143,6 +143,7 @@ def activation_matching(
     compile: bool = True,
     generator_precision: str = "float32",
     restarts: int = 1,
+    keep: str = "loss",
 ) -> Explanation:
     r"""Minimal binary masks ``m`` whose explanation :math:`e = m \odot x` keeps the model's
     activations and prediction (Activation Matching, SPEC.md §C).
@@ -176,11 +177,14 @@ def activation_matching(
     from the float32 default where ``p`` is near 0.5.
 
     ``restarts``: train that many generators per image (restart ``r`` from seed
-    ``seed_n + r * 100003``, all in the same batched steps) and keep, per image, the one with the
-    lowest weighted loss over its last 10 steps. The objective is not convex and on real
-    classifiers different seeds end in minima of very different size (benchmarks/README.md);
-    ``extras["restart_losses"]`` ``(N, restarts)`` and ``extras["restart_kept"]`` (the index
-    chosen) say how far apart they ended.
+    ``seed_n + r * 100003``, all in the same batched steps) and keep, per image, one of them:
+    ``keep="loss"`` the lowest weighted loss over its last 10 steps (the objective's choice);
+    ``keep="smallest"`` the mask with the fewest kept pixels among those whose ``e`` keeps the
+    top-1 class of ``x`` (the lowest loss when none does). The objective is not convex and on
+    real classifiers different seeds end in minima of very different size
+    (benchmarks/README.md); ``extras["restart_losses"]``, ``extras["restart_kept_fraction"]``
+    and ``extras["restart_top1_kept"]`` (each ``(N, restarts)``) and ``extras["restart_kept"]``
+    (the index chosen) say how far apart they ended.
 
     Returns an :class:`Explanation` with ``mask`` ``(N, H, W)`` bool, ``maps`` the same as float,
     and ``extras``: ``explanation`` (e), ``soft_mask`` (p), ``kept_fraction``, ``top1_x``,
@@ -202,6 +206,8 @@ def activation_matching(
         )
     if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 1:
         raise ValueError(f"restarts must be an int >= 1, got {restarts!r}")
+    if keep not in ("loss", "smallest"):
+        raise ValueError(f"keep must be 'loss' or 'smallest', got {keep!r}")
     loss_weights = per_image_weights(weights, n)
     images = x.detach()
     matched = normalise_layers(model, images, layers)
@@ -262,11 +268,32 @@ def activation_matching(
     if restarts > 1:
         final = (result.history[-RESTART_LOSS_STEPS:] * run_weight_tensor.float()).sum(2).mean(0)
         final = final.view(n, restarts)
+        every = finish_explanation(
+            extractor,
+            result.params,
+            per_run(images),
+            per_run(target_logits),
+            per_run(labels),
+            result.history,
+            run_weights,
+            matched,
+            config.generator_autocast,
+        ).extras
+        kept_fraction = every["kept_fraction"].view(n, restarts)
+        top1_kept = every["top1_kept"].view(n, restarts)
         best = final.argmin(1)
-        runs = torch.arange(n) * restarts + best.cpu()
+        if keep == "smallest":
+            size = kept_fraction.masked_fill(~top1_kept, float("inf"))
+            best = torch.where(top1_kept.any(1), size.argmin(1), best)
+        runs = torch.arange(n, device=best.device) * restarts + best
         kept_params = {name: t[runs.to(t.device)] for name, t in result.params.items()}
         history = result.history[:, runs.to(history.device)]
-        restart_extras = {"restart_losses": final, "restart_kept": best}
+        restart_extras = {
+            "restart_losses": final,
+            "restart_kept_fraction": kept_fraction,
+            "restart_top1_kept": top1_kept,
+            "restart_kept": best,
+        }
     explanation = finish_explanation(
         extractor,
         kept_params,
