@@ -443,6 +443,8 @@ def test_nan_term_stops_with_an_error_naming_it() -> None:
     model, x = _NaNWhenMasked().eval(), tiny_images(1)
     with pytest.raises(FloatingPointError, match="'kl' loss term is not finite at step"):
         _run(model, x, steps=30)
+    with pytest.raises(FloatingPointError, match=r"not finite at step \d+ \(image 0, restart"):
+        _run(model, x, steps=30, restarts=2)
 
 
 def test_bad_input_names_the_argument_and_leaves_the_model_alone() -> None:

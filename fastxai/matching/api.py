@@ -262,6 +262,7 @@ def activation_matching(
         seeds=run_seeds,
         compile=compile,
         progress=progress,
+        restarts=restarts,
     )
     kept_params, history = result.params, result.history
     restart_extras: dict[str, Tensor] = {}

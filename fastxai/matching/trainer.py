@@ -161,9 +161,11 @@ def train_generators(
     seeds: Sequence[int],
     compile: bool,
     progress: bool,
+    restarts: int = 1,
 ) -> TrainResult:
     """Adam on every generator's weights for ``steps`` steps; a NaN or Inf in any term stops
-    with a :class:`FloatingPointError` naming the term, the step and the image."""
+    with a :class:`FloatingPointError` naming the term, the step and the image (generator ``g``
+    is restart ``g % restarts`` of image ``g // restarts``)."""
     from tqdm.auto import tqdm
 
     for t in params.values():
@@ -186,10 +188,13 @@ def train_generators(
         history[step] = terms
         if (step + 1) % check_every == 0 or step + 1 == steps:
             if (bad := first_non_finite(history, checked, step + 1)) is not None:
-                at, image, term = bad
+                at, run, term = bad
+                where = f"image {run // restarts}" + (
+                    f", restart {run % restarts}" if restarts > 1 else ""
+                )
                 raise FloatingPointError(
                     f"activation_matching: the {term!r} loss term is not finite at step {at} "
-                    f"(image {image}); lower the learning rate or that term's weight"
+                    f"({where}); lower the learning rate or that term's weight"
                 )
             checked = step + 1
             if progress:
