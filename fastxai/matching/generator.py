@@ -141,10 +141,12 @@ def generator_logits(params: GeneratorParams, x: Tensor, *, grouped: bool | None
     if grouped is None:
         grouped = x.device.type != "cpu"
     if groups > 1 and not grouped:
+        # split, not indexing: its backward is one cat per weight, not G zero-filled copies
+        per_generator = zip(*(t.split(1) for t in params.values()), strict=True)
         return torch.cat(
             [
-                _unet_logits({name: t[g : g + 1] for name, t in params.items()}, x[g : g + 1])
-                for g in range(groups)
+                _unet_logits(dict(zip(params, weights, strict=True)), image)
+                for weights, image in zip(per_generator, x.split(1), strict=True)
             ]
         )
     return _unet_logits(params, x)
