@@ -1,23 +1,27 @@
 """Amortised Activation Matching against per-image AM on held-out photos (EfficientNet-Lite0).
 
-One U-Net (:func:`fastxai.matching.amortised.train_amortised`) is trained over random square
-crops (with horizontal flips) of scikit-image photos that are not held out; it then explains each
-held-out photo in one forward pass. Per-image AM (:func:`fastxai.activation_matching`, default
-schedule: 880 steps at lr 5e-5, one call per held-out photo) is the reference. The table gives,
+One generator (:func:`fastxai.matching.amortised.train_amortised`: by default the decoder of the
+classifier's features, ``--generator unet`` for a U-Net on the pixels) is trained over random
+square crops (with horizontal flips) of scikit-image photos that are not held out; it then
+explains each held-out photo in one forward pass. Per-image AM
+(:func:`fastxai.activation_matching`, default schedule: 880 steps at lr 5e-5, one call per
+held-out photo) is the reference. The table gives,
 per held-out photo, the kept-pixel fraction, whether the masked image keeps the photo's top-1
 class, the mask IoU between the two methods and the seconds each took; the summary adds the
 amortised generator's results on its own training crops (the train / held-out gap).
 
 Results are cached in ``--out`` (per-image masks, amortised weights), so a rerun with the same
-options only evaluates. At one thread on a shared 2-core CPU: about 20 minutes of amortised
-training (width 32; width 16 about half that per step), 14 minutes of per-image AM per held-out
-photo, 2 minutes of evaluation. Reproduce the reported runs (the second is the lighter,
-higher-learning-rate variant):
+options only evaluates. At one thread on a shared 2-core CPU: about 26 minutes of amortised
+training (the default 1500 steps of the feature decoder), 12 minutes of per-image AM per held-out
+photo, 2 minutes of evaluation. Reproduce the reported runs (benchmarks/README.md: with the
+area warm-up, then the defaults (lr 1e-4, no warm-up), then lr 1e-3 without it, then the U-Net):
 
     OMP_NUM_THREADS=1 .venv/bin/python examples/am_amortised.py --out /tmp/amort/run \
-        --held-out chelsea coffee
+        --held-out chelsea coffee --lr 1e-3 --area-warmup 750
     OMP_NUM_THREADS=1 .venv/bin/python examples/am_amortised.py --out /tmp/amort/run \
-        --held-out chelsea coffee --width 16 --lr 5e-4 --steps 360
+        --held-out chelsea coffee [--lr 1e-3]
+    OMP_NUM_THREADS=1 .venv/bin/python examples/am_amortised.py --out /tmp/amort/run \
+        --held-out chelsea coffee --generator unet --lr 2e-4 --steps 260 --area-warmup 0
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from torch import Tensor, nn
 from fastxai.demo import available_photos, load_photo
 from fastxai.io import atomic_save
 from fastxai.matching import TERMS, LossWeights, activation_matching
-from fastxai.matching.amortised import AmortisedExplainer, train_amortised
+from fastxai.matching.amortised import GENERATORS, AmortisedExplainer, train_amortised
 from fastxai.matching.api import DEFAULT_LR, DEFAULT_STEPS
 from fastxai.matching.features import normalise_layers
 from fastxai.matching.present import am_summary
@@ -172,9 +176,12 @@ def amortised(
         saved = torch.load(path, weights_only=False)
         layers = normalise_layers(model, x[:1], None)
         weights = LossWeights.from_any(None)
-        explainer = AmortisedExplainer(model, saved["params"], layers, weights, saved["history"])
+        explainer = AmortisedExplainer(
+            model, saved["params"], layers, weights, saved["history"], config["generator"]
+        )
         return explainer, saved["seconds"]
-    options = {k: config[k] for k in ("steps", "batch_size", "lr", "seed", "width")}
+    names = ("steps", "batch_size", "lr", "seed", "width", "generator", "area_warmup")
+    options = {k: config[k] for k in names}
     start = time.perf_counter()
     explainer = train_amortised(model, x, **options)
     seconds = time.perf_counter() - start
@@ -210,10 +217,16 @@ def main() -> None:
     parser.add_argument("--held-out", nargs="+", default=list(HELD_OUT))
     parser.add_argument("--train-photos", nargs="+", default=list(TRAIN_PHOTOS))
     parser.add_argument("--crops-per-photo", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=260, help="amortised training steps")
+    parser.add_argument("--steps", type=int, default=1500, help="amortised training steps")
     parser.add_argument("--batch-size", type=int, default=4, help="amortised mini-batch")
-    parser.add_argument("--lr", type=float, default=2e-4, help="amortised learning rate")
-    parser.add_argument("--width", type=int, default=32, help="amortised U-Net width")
+    parser.add_argument("--lr", type=float, default=1e-4, help="amortised learning rate")
+    parser.add_argument("--width", type=int, default=32, help="amortised generator width")
+    parser.add_argument(
+        "--area-warmup", type=int, default=0, help="steps over which the area weight grows"
+    )
+    parser.add_argument(
+        "--generator", choices=GENERATORS, default="features", help="amortised generator"
+    )
     parser.add_argument("--per-image-steps", type=int, default=DEFAULT_STEPS)
     parser.add_argument("--per-image-lr", type=float, default=DEFAULT_LR)
     parser.add_argument("--threads", type=int, default=1)
@@ -247,13 +260,16 @@ def main() -> None:
         "lr": args.lr,
         "width": args.width,
         "seed": args.seed,
+        "generator": args.generator,
+        "area_warmup": args.area_warmup,
     }
     explainer, train_seconds = amortised(model, train_x, amortised_config, args.out)
     history = explainer.history
     tenth = slice(None, max(1, args.steps // 10))
     last = slice(-max(1, args.steps // 10), None)
     print(
-        f"amortised: {args.steps} steps x batch {args.batch_size}, lr {args.lr:g}, width "
+        f"amortised {args.generator}: {args.steps} steps x batch {args.batch_size}, "
+        f"lr {args.lr:g}, width "
         f"{args.width}: trained in {train_seconds:.0f} s ({train_seconds / args.steps:.2f} s/step);"
         f" weighted loss {loss_total(history, tenth):.3f} (first tenth) -> "
         f"{loss_total(history, last):.3f} (last tenth; its area term, the mean soft mask, "
@@ -306,7 +322,7 @@ def main() -> None:
             f"{100 * am_row['kept']:>9.1f}% {am_row['top1_kept']!s:>10} {overlap_iou:>8.3f} "
             f"{reference['seconds'][i]:>7.0f} {amortised_seconds[i]:>8.2f}"
         )
-        tag = f"w{args.width}-lr{args.lr:g}-s{args.steps}"
+        tag = f"{args.generator}-w{args.width}-lr{args.lr:g}-s{args.steps}-a{args.area_warmup}"
         save_overlays(
             args.out / f"{photo}_am_vs_amortised-{tag}.png", rgbs[i], reference, i, amortised_ex[i]
         )

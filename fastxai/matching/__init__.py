@@ -3,7 +3,8 @@ image reproduces the classifier's activations and prediction with as few pixels 
 
 ``generator``: the batched U-Net and the straight-through mask; ``features``: the traced
 classifier and default layers; ``losses``: the per-image terms and weights; ``trainer``: the
-compiled step and the loop; ``api``: :func:`activation_matching`.
+compiled step and the loop; ``api``: :func:`activation_matching`; ``amortised``: one generator
+trained over many images (by default ``feature_decoder``, a decoder of the classifier's features).
 """
 
 from fastxai.matching.api import activation_matching

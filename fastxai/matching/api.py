@@ -321,16 +321,19 @@ def finish_explanation(
     loss_weights: LossWeights | list[LossWeights],
     matched: list[MatchedLayer],
     generator_autocast: torch.dtype | None,
+    final_logits: Tensor | None = None,
 ) -> Explanation:
-    """The final hard masks ``1[p > 0.5]`` of trained generators, ``e = m * x`` and one forward
-    of ``e``: the :class:`Explanation` of :func:`activation_matching`."""
+    """The final hard masks ``1[p > 0.5]`` of trained generators (or of the mask logits
+    ``final_logits`` when given), ``e = m * x`` and one forward of ``e``: the
+    :class:`Explanation` of :func:`activation_matching`."""
     weight_tensor = weights_tensor(loss_weights, images)
-    with torch.autocast(
-        images.device.type,
-        dtype=generator_autocast or torch.bfloat16,
-        enabled=generator_autocast is not None,
-    ):
-        final_logits = generator_logits(params, images)
+    if final_logits is None:
+        with torch.autocast(
+            images.device.type,
+            dtype=generator_autocast or torch.bfloat16,
+            enabled=generator_autocast is not None,
+        ):
+            final_logits = generator_logits(params, images)
     soft = torch.sigmoid(final_logits.to(images.dtype))[:, 0]
     mask = soft > 0.5
     explanation = mask[:, None].to(images.dtype) * images

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fastxai.matching.feature_decoder import decoder_logits
 from fastxai.matching.features import run_extractor
 from fastxai.matching.generator import GeneratorParams, generator_logits, straight_through_mask
 from fastxai.matching.losses import (
@@ -40,6 +41,22 @@ class StepConfig:
     with_necessity: bool
     # Autocast dtype of the generator (e.g. torch.bfloat16), or None for the input's dtype.
     generator_autocast: torch.dtype | None = None
+    # "unet": per-image U-Nets on the pixels (generator.py); "features": one decoder of the
+    # classifier's features phi(x), shared by every image (feature_decoder.py, amortised mode).
+    generator: str = "unet"
+
+
+def mask_logits(
+    params: GeneratorParams, x: Tensor, features: list[Tensor], config: StepConfig
+) -> Tensor:
+    """The generator's mask logits ``(N, 1, H, W)`` for the images ``x`` with features
+    ``features`` (only the ``"features"`` generator reads them)."""
+    if config.generator == "features":
+        return decoder_logits(params, features, x)
+    if config.generator_autocast is None:
+        return generator_logits(params, x)
+    with torch.autocast(x.device.type, dtype=config.generator_autocast):
+        return generator_logits(params, x)
 
 
 def step_terms(
@@ -59,12 +76,7 @@ def step_terms(
     :math:`\\tilde e_k = m \\odot x + (1 - m) \\odot r_k`.
     """
     n, k = noise.shape[:2]
-    if config.generator_autocast is None:
-        logits_mask = generator_logits(params, x)
-    else:
-        with torch.autocast(x.device.type, dtype=config.generator_autocast):
-            logits_mask = generator_logits(params, x)
-    p = torch.sigmoid(logits_mask.to(x.dtype))
+    p = torch.sigmoid(mask_logits(params, x, target_features, config).to(x.dtype))
     m = straight_through_mask(p)
     e = m * x
     parts = [e]
