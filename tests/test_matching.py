@@ -582,6 +582,46 @@ def test_amortised_rejects_an_unknown_generator_and_a_negative_warmup() -> None:
         train_amortised(tiny_model(), tiny_images(2), steps=1, area_warmup=-1, progress=False)
 
 
+def test_amortised_explainer_saves_and_loads(tmp_path) -> None:
+    from fastxai.matching.amortised import AmortisedExplainer, train_amortised
+
+    model, x = windowed_model(), tiny_images(4, seed=1)
+    options = dict(steps=20, batch_size=2, lr=3e-3, width=4, compile=False, progress=False)
+    explainer = train_amortised(model, x, weights=TINY_WEIGHTS, area_warmup=5, **options)
+    path = tmp_path / "amortised.pt"
+    explainer.save(path)
+    assert [p.name for p in tmp_path.iterdir()] == ["amortised.pt"]  # no temporary file left
+    loaded = AmortisedExplainer.load(path, model)
+    assert loaded.layers == explainer.layers and loaded.weights == explainer.weights
+    torch.testing.assert_close(loaded.history, explainer.history, rtol=0, atol=0)
+    held_out = tiny_images(3, seed=2)
+    before, after = explainer.explain(held_out), loaded.explain(held_out)
+    torch.testing.assert_close(after.extras["soft_mask"], before.extras["soft_mask"])
+    assert torch.equal(after.mask, before.mask)
+
+    other = tiny_model()  # same layer names, but no window buffer: still loads
+    assert AmortisedExplainer.load(path, other).generator == "features"
+    renamed = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(5))
+    with pytest.raises(ValueError, match="'relu' is not a submodule"):
+        AmortisedExplainer.load(path, renamed)
+    torch.save({"format": 2}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="is not a saved AmortisedExplainer"):
+        AmortisedExplainer.load(tmp_path / "other.pt", model)
+
+
+def test_amortised_explainer_rejects_a_model_with_other_channels() -> None:
+    from fastxai.matching.amortised import train_amortised
+
+    options = dict(steps=1, batch_size=2, width=4, compile=False, progress=False)
+    explainer = train_amortised(tiny_model(), tiny_images(2), **options)
+    wider = TinyResNetLike()
+    wider.layer4 = nn.Sequential(nn.Conv2d(12, 20, 3, stride=2, padding=1), nn.ReLU())
+    wider.fc = nn.Linear(20, 5)
+    explainer.model = wider.eval()
+    with pytest.raises(ValueError, match="'layer4' gives 20 channels, the generator was trained"):
+        explainer.explain(tiny_images(1))
+
+
 def test_amortised_area_warmup_starts_without_the_area_term() -> None:
     from fastxai.matching.amortised import train_amortised
 

@@ -11,15 +11,18 @@ photos: benchmarks/README.md). Beyond the paper (it trains per image).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, astuple, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fastxai._checks import check_images, check_model
+from fastxai.capture import resolve_layer
 from fastxai.explanation import Explanation
+from fastxai.io import atomic_save
 from fastxai.matching.api import check_options, compute_targets, finish_explanation
 from fastxai.matching.feature_decoder import decoder_logits, init_decoder_params
 from fastxai.matching.features import MatchedLayer, feature_extractor, normalise_layers
@@ -60,9 +63,16 @@ class AmortisedExplainer:
         target_logits, features = compute_targets(extractor, images, self.layers)
         labels = resolve_targets(targets, target_logits).classes
         empty = images.new_zeros((0, images.shape[0], len(TERMS)), dtype=torch.float32)
-        final_logits = (
-            decoder_logits(self.params, features, images) if self.generator == "features" else None
-        )
+        final_logits = None
+        if self.generator == "features":
+            for i, (layer, feature) in enumerate(zip(self.layers, features, strict=True)):
+                expected = self.params[f"lateral{i}.weight"].shape[1]
+                if feature.shape[1] != expected:
+                    raise ValueError(
+                        f"model: layer {layer.name!r} gives {feature.shape[1]} channels, the "
+                        f"generator was trained on {expected}"
+                    )
+            final_logits = decoder_logits(self.params, features, images)
         return finish_explanation(
             extractor,
             self.params,
@@ -75,6 +85,35 @@ class AmortisedExplainer:
             None,
             final_logits,
         )
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the trained generator (weights, matched layers, loss weights, training history,
+        kind) to ``path``, atomically (a reader never sees a partial file). The model is not
+        saved: :meth:`load` takes it."""
+        state = {
+            "format": 1,
+            "generator": self.generator,
+            "params": {name: t.detach().cpu() for name, t in self.params.items()},
+            "layers": [list(astuple(layer)) for layer in self.layers],
+            "weights": asdict(self.weights),
+            "history": self.history.cpu(),
+        }
+        atomic_save(state, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], model: nn.Module) -> AmortisedExplainer:
+        """The explainer :meth:`save` wrote to ``path``, for ``model`` (the classifier it was
+        trained on; its weights go to the device of the model's parameters)."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("format") != 1 or state.get("generator") not in GENERATORS:
+            raise ValueError(f"path: {os.fspath(path)!r} is not a saved AmortisedExplainer")
+        layers = [MatchedLayer(str(n), float(w), str(d)) for n, w, d in state["layers"]]
+        for layer in layers:
+            resolve_layer(model, layer.name)  # names the missing layer
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        params = {name: t.to(device) for name, t in state["params"].items()}
+        weights = LossWeights(**state["weights"])
+        return cls(model, params, layers, weights, state["history"], state["generator"])
 
 
 def train_amortised(

@@ -20,7 +20,8 @@ with ``W_l`` and ``W_x`` 1x1 convolutions to ``w`` channels, ``K_1`` a 3x3 convo
 ``w -> w`` and ``K_2`` a 3x3 convolution to one channel, ``rms`` taken per image over the whole
 layer (so photos of any contrast give inputs of one scale), ``resize_R`` area pooling when larger
 and bilinear when smaller, ``up`` bilinear. The head's bias starts at
-``INITIAL_KEEP_LOGIT`` (every pixel kept, ``p = 0.88``): from there the area term lowers ``p``
+``INITIAL_KEEP_LOGIT`` (``p = 0.88`` where the rest of the decoder gives 0, so at the start
+(almost) every pixel is kept): from there the area term lowers ``p``
 everywhere and the straight-through gradients of :math:`L_{CE}` and :math:`L_{rob}` (non-zero at
 ``e = x``, unlike :math:`L_{act}` and :math:`L_{KL}`) say which pixels to keep; starting at
 ``p = 0.5`` leaves every pixel on the threshold, where the shared U-Net stalled.
