@@ -24,7 +24,7 @@ from fastxai.capture import resolve_layer
 from fastxai.explanation import Explanation
 from fastxai.io import atomic_save
 from fastxai.matching.api import check_options, compute_targets, finish_explanation
-from fastxai.matching.feature_decoder import decoder_logits, init_decoder_params
+from fastxai.matching.feature_decoder import init_decoder_params
 from fastxai.matching.features import MatchedLayer, feature_extractor, normalise_layers
 from fastxai.matching.generator import GeneratorParams, init_generator_params
 from fastxai.matching.losses import TERMS, LossWeights
@@ -63,7 +63,6 @@ class AmortisedExplainer:
         target_logits, features = compute_targets(extractor, images, self.layers)
         labels = resolve_targets(targets, target_logits).classes
         empty = images.new_zeros((0, images.shape[0], len(TERMS)), dtype=torch.float32)
-        final_logits = None
         if self.generator == "features":
             for i, (layer, feature) in enumerate(zip(self.layers, features, strict=True)):
                 expected = self.params[f"lateral{i}.weight"].shape[1]
@@ -72,7 +71,6 @@ class AmortisedExplainer:
                         f"model: layer {layer.name!r} gives {feature.shape[1]} channels, the "
                         f"generator was trained on {expected}"
                     )
-            final_logits = decoder_logits(self.params, features, images)
         return finish_explanation(
             extractor,
             self.params,
@@ -82,8 +80,9 @@ class AmortisedExplainer:
             empty,
             self.weights,
             self.layers,
+            features,
+            self.generator,
             None,
-            final_logits,
         )
 
     def save(self, path: str | os.PathLike[str]) -> None:

@@ -21,11 +21,10 @@ from fastxai.matching.features import (
 )
 from fastxai.matching.generator import (
     GeneratorParams,
-    generator_logits,
     init_generator_params,
 )
 from fastxai.matching.losses import TERMS, LossWeights
-from fastxai.matching.trainer import BACKGROUNDS, StepConfig, train_generators
+from fastxai.matching.trainer import BACKGROUNDS, StepConfig, mask_logits, train_generators
 from fastxai.targets import resolve_targets
 
 DEFAULT_STEPS = 880
@@ -278,6 +277,8 @@ def activation_matching(
             result.history,
             run_weights,
             matched,
+            [per_run(f) for f in target_features],
+            config.generator,
             config.generator_autocast,
         ).extras
         kept_fraction = every["kept_fraction"].view(n, restarts)
@@ -304,6 +305,8 @@ def activation_matching(
         history,
         loss_weights,
         matched,
+        target_features,
+        config.generator,
         config.generator_autocast,
     )
     explanation.extras.update(restart_extras)
@@ -320,20 +323,15 @@ def finish_explanation(
     history: Tensor,
     loss_weights: LossWeights | list[LossWeights],
     matched: list[MatchedLayer],
+    features: Sequence[Tensor],
+    generator: str,
     generator_autocast: torch.dtype | None,
-    final_logits: Tensor | None = None,
 ) -> Explanation:
-    """The final hard masks ``1[p > 0.5]`` of trained generators (or of the mask logits
-    ``final_logits`` when given), ``e = m * x`` and one forward of ``e``: the
-    :class:`Explanation` of :func:`activation_matching`."""
+    """The final hard masks ``1[p > 0.5]`` of trained generators (:func:`mask_logits`;
+    ``features``: the images' matched-layer features), ``e = m * x`` and one forward of ``e``:
+    the :class:`Explanation` of :func:`activation_matching`."""
     weight_tensor = weights_tensor(loss_weights, images)
-    if final_logits is None:
-        with torch.autocast(
-            images.device.type,
-            dtype=generator_autocast or torch.bfloat16,
-            enabled=generator_autocast is not None,
-        ):
-            final_logits = generator_logits(params, images)
+    final_logits = mask_logits(params, images, features, generator, generator_autocast)
     soft = torch.sigmoid(final_logits.to(images.dtype))[:, 0]
     mask = soft > 0.5
     explanation = mask[:, None].to(images.dtype) * images

@@ -47,15 +47,20 @@ class StepConfig:
 
 
 def mask_logits(
-    params: GeneratorParams, x: Tensor, features: list[Tensor], config: StepConfig
+    params: GeneratorParams,
+    x: Tensor,
+    features: Sequence[Tensor],
+    generator: str = "unet",
+    autocast: torch.dtype | None = None,
 ) -> Tensor:
-    """The generator's mask logits ``(N, 1, H, W)`` for the images ``x`` with features
-    ``features`` (only the ``"features"`` generator reads them)."""
-    if config.generator == "features":
+    """The mask logits ``(N, 1, H, W)`` of the images ``x`` with features ``features`` under a
+    ``generator`` (:class:`StepConfig`'s field; only ``"features"`` reads the features), the
+    U-Net under ``autocast`` when given."""
+    if generator == "features":
         return decoder_logits(params, features, x)
-    if config.generator_autocast is None:
+    if autocast is None:
         return generator_logits(params, x)
-    with torch.autocast(x.device.type, dtype=config.generator_autocast):
+    with torch.autocast(x.device.type, dtype=autocast):
         return generator_logits(params, x)
 
 
@@ -76,7 +81,10 @@ def step_terms(
     :math:`\\tilde e_k = m \\odot x + (1 - m) \\odot r_k`.
     """
     n, k = noise.shape[:2]
-    p = torch.sigmoid(mask_logits(params, x, target_features, config).to(x.dtype))
+    logits_mask = mask_logits(
+        params, x, target_features, config.generator, config.generator_autocast
+    )
+    p = torch.sigmoid(logits_mask.to(x.dtype))
     m = straight_through_mask(p)
     e = m * x
     parts = [e]
