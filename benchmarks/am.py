@@ -18,6 +18,13 @@ schedule of each and compares the final losses.
 cpu/wall trust filter is for CPU runs only):
 
     .venv/bin/python benchmarks/am.py --device cuda --batch 8 --steps 40 --rounds 3 --full
+
+``--recipes`` instead times the two recipes of ``activation_matching`` per image, interleaved: the
+default (stable) recipe's whole call against the paper recipe's ``--steps`` steps extrapolated
+to its 880, on ``--model`` (resnet18 with random weights, or EfficientNet-Lite0 with its ImageNet
+weights on the demo photos):
+
+    .venv/bin/python benchmarks/am.py --recipes --model efficientnet-lite0 --steps 40 --rounds 2
 """
 
 from __future__ import annotations
@@ -33,7 +40,6 @@ import torchvision
 from torch import Tensor, nn
 
 from fastxai.matching import LossWeights, activation_matching
-from fastxai.matching.api import DEFAULT_LR, DEFAULT_STEPS
 from fastxai.matching.features import default_layers, feature_extractor
 from fastxai.matching.generator import (
     generator_logits,
@@ -41,6 +47,7 @@ from fastxai.matching.generator import (
     straight_through_mask,
 )
 from fastxai.matching.losses import TERMS, activation_loss, ce_loss, kl_loss
+from fastxai.matching.paper import DEFAULT_LR, DEFAULT_STEPS
 from fastxai.matching.trainer import sample_backgrounds
 from fastxai.ops import reference
 
@@ -113,8 +120,64 @@ def timed(fn) -> tuple[float, float, object]:
     return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
+def compare_recipes(args: argparse.Namespace) -> None:
+    """Seconds per image of the stable recipe (whole call) and the paper recipe (extrapolated)."""
+    if args.model == "efficientnet-lite0":
+        from fastxai.demo import load_photo
+        from fastxai.models import load_efficientnet_lite0
+
+        loaded = load_efficientnet_lite0()
+        model = loaded.model
+        photos = ("chelsea", "coffee", "astronaut", "rocket")[: args.batch]
+        x = torch.cat([loaded.preprocess(load_photo(p)) for p in photos])
+    else:
+        model = resnet18()
+        x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    model, x = model.to(args.device), x.to(args.device)
+    print(
+        f"torch {torch.__version__}, device {args.device}, threads {args.threads}, "
+        f"{args.model}, batch {args.batch}"
+    )
+
+    def stable() -> float:
+        wall, cpu, ex = timed(lambda: activation_matching(model, x, progress=False))
+        kept = [round(float(k), 3) for k in ex.extras["kept_fraction"]]
+        print(
+            f"  stable   {wall / args.batch:7.1f} s/image  cpu/wall {cpu / wall:.2f}  "
+            f"load {os.getloadavg()[0]:.2f}  kept {kept}",
+            flush=True,
+        )
+        return wall / args.batch
+
+    def paper() -> float:
+        wall, cpu, _ = timed(
+            lambda: activation_matching(model, x, steps=args.steps, progress=False, recipe="paper")
+        )
+        per_image = wall / args.steps / args.batch * DEFAULT_STEPS
+        print(
+            f"  paper    {per_image:7.1f} s/image ({args.steps} steps extrapolated to "
+            f"{DEFAULT_STEPS})  cpu/wall {cpu / wall:.2f}  load {os.getloadavg()[0]:.2f}",
+            flush=True,
+        )
+        return per_image
+
+    activation_matching(model, x, steps=2, progress=False, recipe="paper")  # compiles
+    times: dict[str, list[float]] = {"stable": [], "paper": []}
+    for r in range(args.rounds):
+        order = (("stable", stable), ("paper", paper))
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            times[name].append(fn())
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"median s/image: stable {med['stable']:.1f}, paper {med['paper']:.1f} "
+        f"({med['paper'] / med['stable']:.1f}x)"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", action="store_true", help="stable vs paper recipe")
+    parser.add_argument("--model", default="resnet18", choices=["resnet18", "efficientnet-lite0"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=40, help="steps per timed run")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved A B rounds")
@@ -129,6 +192,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.recipes:
+        compare_recipes(args)
+        return
     model = resnet18().to(args.device)
     x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     x = x.to(args.device)
@@ -136,7 +202,12 @@ def main() -> None:
 
     def ours(steps: int) -> Tensor:
         ex = activation_matching(
-            model, x, steps=steps, progress=False, generator_precision=args.generator_precision
+            model,
+            x,
+            steps=steps,
+            progress=False,
+            recipe="paper",
+            generator_precision=args.generator_precision,
         )
         return torch.stack([ex.extras["loss_history"][t] for t in TERMS], 2).cpu()  # (S, N, T)
 

@@ -44,8 +44,8 @@ from fastxai.demo import available_photos, load_photo
 from fastxai.io import atomic_save
 from fastxai.matching import TERMS, LossWeights, activation_matching
 from fastxai.matching.amortised import GENERATORS, AmortisedExplainer, train_amortised
-from fastxai.matching.api import DEFAULT_LR, DEFAULT_STEPS
 from fastxai.matching.features import normalise_layers
+from fastxai.matching.paper import DEFAULT_LR, DEFAULT_STEPS
 from fastxai.matching.present import am_summary
 from fastxai.models import (
     LoadedModel,
@@ -146,7 +146,12 @@ def per_image_am(
             continue
         start = time.perf_counter()
         ex = activation_matching(
-            model, x[i : i + 1], steps=config["steps"], lr=config["lr"], seed=config["seed"]
+            model,
+            x[i : i + 1],
+            recipe="paper",
+            steps=config["steps"],
+            lr=config["lr"],
+            seed=config["seed"],
         )
         result = {
             "config": key,

@@ -115,6 +115,7 @@ def main() -> None:
         ex = activation_matching(
             model,
             images,
+            recipe="paper",
             steps=args.steps,
             lr=args.lr,
             weights=[configs[c] for _, _, c in runs],

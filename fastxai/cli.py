@@ -92,12 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip threshold fine-tuning of the Grad-CAM maps (the TFT overlay and RPI plot)",
     )
     demo.add_argument(
-        "--am-steps",
-        type=int,
-        default=200,
-        metavar="N",
-        help="Activation Matching on the first photo with N steps (default: %(default)s, "
-        "reduced from the paper's 880; 0 skips it)",
+        "--no-am",
+        dest="am",
+        action="store_false",
+        help="skip the Activation Matching panel (about a minute on 2 CPU threads)",
     )
     demo.add_argument("--quiet", action="store_true", help="print nothing")
 
@@ -139,20 +137,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="class to explain (default: each image's top-1)",
     )
     explain.add_argument(
+        "--am-recipe",
+        choices=("stable", "paper"),
+        default="stable",
+        help="--method am: the stable area-ladder recipe (default) or the authors' notebook "
+        "recipe (seed-dependent)",
+    )
+    explain.add_argument(
         "--am-steps",
         type=int,
-        default=880,
+        default=None,
         metavar="N",
-        help="Activation Matching training steps for --method am (default: %(default)s, the "
-        "paper's schedule)",
+        help="--am-recipe paper: training steps (default: the paper's 880)",
     )
     explain.add_argument(
         "--am-restarts",
         type=int,
         default=1,
         metavar="R",
-        help="--method am: train R generators (seeds) per image together and keep the one with "
-        "the lowest final loss (default: %(default)s)",
+        help="--am-recipe paper: train R generators (seeds) per image together and keep the one "
+        "with the lowest final loss (default: %(default)s)",
     )
     explain.add_argument(
         "--tft",
@@ -188,7 +192,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
             photos=args.photos,
             per_channel_photos=args.per_channel_photos,
             tft=args.tft,
-            am_steps=args.am_steps,
+            am=args.am,
         )
     except ImportError as exc:
         raise CliError(str(exc), ENVIRONMENT_ERROR) from exc
@@ -325,10 +329,16 @@ def explain_am(
     from fastxai.matching.present import am_line, explain_and_draw
     from fastxai.models import crop_and_resize
 
-    if args.am_steps < 1:
+    if args.am_steps is not None and args.am_steps < 1:
         raise CliError(f"--am-steps: expected a positive number of steps, got {args.am_steps}")
     if args.am_restarts < 1:
         raise CliError(f"--am-restarts: expected a positive number, got {args.am_restarts}")
+    if args.am_recipe != "paper" and (args.am_restarts > 1 or args.am_steps is not None):
+        flag = "--am-restarts" if args.am_restarts > 1 else "--am-steps"
+        raise CliError(f"{flag}: only --am-recipe paper has it (the stable recipe has no seed)")
+    options = {"restarts": args.am_restarts} if args.am_recipe == "paper" else {}
+    if args.am_steps is not None:
+        options["steps"] = args.am_steps
     try:
         _, summary, written = explain_and_draw(
             loaded.model,
@@ -336,8 +346,8 @@ def explain_am(
             crop_and_resize(image),
             Path(args.out) / f"{path.stem}_am.png",
             target=target,
-            steps=args.am_steps,
-            restarts=args.am_restarts,
+            recipe=args.am_recipe,
+            **options,
         )
     except (ValueError, TypeError) as exc:
         raise CliError(f"--method am: {exc}") from exc

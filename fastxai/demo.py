@@ -5,9 +5,8 @@ With TFT on (the default), each photo's Grad-CAM map is also threshold fine-tune
 kept (see :func:`fastxai.viz.tft_overlay`: the Grad-CAM colours on the kept pixels, the photo
 darkened on the muted ones) and ``<photo>_rpi.png`` plots RPI versus the threshold with tau*.
 
-With ``am_steps`` (default 200), the first photo also gets an Activation Matching mask
-(``<photo>_am.png``), trained with a reduced schedule (200 steps at lr 2e-4 instead of the paper's
-880 at 5e-5) that the demo says it uses.
+With ``am`` (default on), the first photo also gets an Activation Matching mask
+(``<photo>_am.png``): the smallest mask of the stable recipe's area ladder that keeps the top-1.
 
 Needs the demo extras (``pip install -e .[demo]``); nothing is downloaded.
 """
@@ -281,7 +280,7 @@ def run_demo(
     layer: str = EFFICIENTNET_LITE0_LAYER,
     method_layers: Mapping[str, str] = DEMO_METHOD_LAYERS,
     tft: bool = True,
-    am_steps: int = 200,
+    am: bool = True,
 ) -> dict[str, Any]:
     """Explain EfficientNet-Lite0's top-1 class on scikit-image photos and write overlay PNGs.
 
@@ -300,8 +299,7 @@ def run_demo(
             this even when it is not in ``methods``) and write ``<photo>_gradcam_tft.png`` (what
             TFT kept, :func:`fastxai.viz.tft_overlay`) and ``<photo>_rpi.png`` (RPI versus the
             threshold, tau* marked).
-        am_steps: Activation Matching on the first photo with this many steps at lr 2e-4
-            (reduced from the default 880 at 5e-5 to keep the demo short; 0: skip).
+        am: Activation Matching (stable recipe) on the first photo.
 
     Returns:
         ``{"out_dir", "kernel", "layers": {method: layer}, "photos": {photo: {"top1_index",
@@ -345,12 +343,10 @@ def run_demo(
             loaded, photo, chosen, target_dir, layers, say, tft_layer=layer if tft else None
         )
     am_result = None
-    if am_steps:
+    if am:
         from fastxai.matching.present import demo_photo
 
-        am_result = demo_photo(
-            loaded, load_photo(photos[0]), photos[0], target_dir, say, steps=am_steps
-        )
+        am_result = demo_photo(loaded, load_photo(photos[0]), photos[0], target_dir, say)
         results[photos[0]]["paths"]["am"] = am_result["path"]
     written = [p for result in results.values() for p in result["paths"].values()]
     say(f"wrote {len(written)} PNGs to {target_dir}")

@@ -176,6 +176,8 @@ def test_explain_with_srd_on_efficientnet_exits_2_naming_the_model(
         (["--tft"], "--tft"),
         (["--am-steps", "0"], "--am-steps"),
         (["--am-restarts", "0"], "--am-restarts"),
+        (["--am-restarts", "2"], "--am-restarts: only --am-recipe paper"),
+        (["--am-steps", "5"], "--am-steps: only --am-recipe paper"),
     ],
 )
 def test_explain_with_am_rejects_bad_options_naming_them(
@@ -319,7 +321,7 @@ def test_run_demo_on_one_photo_writes_the_pngs(efficientnet: LoadedModel, tmp_pa
         quiet=True,
         photos=("chelsea",),
         tft=False,
-        am_steps=0,
+        am=False,
     )
     chelsea = result["photos"]["chelsea"]
     assert chelsea["top1_index"] in IMAGENET_CAT_CLASSES
@@ -408,7 +410,7 @@ def test_run_demo_with_tft_returns_the_tau_of_a_direct_tft(
     from fastxai.models import EFFICIENTNET_LITE0_LAYER
 
     result = run_demo(
-        tmp_path / "demo", methods=("gradcam",), quiet=True, photos=("chelsea",), am_steps=0
+        tmp_path / "demo", methods=("gradcam",), quiet=True, photos=("chelsea",), am=False
     )
     chelsea = result["photos"]["chelsea"]
     assert set(chelsea["paths"]) == {"original", "gradcam", "gradcam_tft", "rpi", "grid"}

@@ -1,10 +1,13 @@
-"""Activation Matching (SPEC.md §C): per-image U-Net mask generators trained so that the masked
-image reproduces the classifier's activations and prediction with as few pixels as possible.
+"""Activation Matching: minimal binary masks whose masked image keeps the classifier's activations
+and prediction (Suhail, Anand, Sethi 2025).
 
-``generator``: the batched U-Net and the straight-through mask; ``features``: the traced
-classifier and default layers; ``losses``: the per-image terms and weights; ``trainer``: the
-compiled step and the loop; ``api``: :func:`activation_matching`; ``amortised``: one generator
-trained over many images (by default ``feature_decoder``, a decoder of the classifier's features).
+``api``: :func:`activation_matching` and its two recipes; ``ladder``: the stable recipe (greedy
+cell deletion under the paper's loss, an area ladder, no seed); ``paper``: the authors' notebook
+recipe, whose ``generator`` (per-image U-Nets, straight-through mask) and ``trainer`` (the
+compiled step and the loop) it trains; ``features``: the traced classifier and default layers;
+``losses``: the per-image terms and weights; ``robustness``: masks under noise and blur
+backgrounds; ``amortised``: one generator trained over many images (by default
+``feature_decoder``, a decoder of the classifier's features).
 """
 
 from fastxai.matching.api import activation_matching

@@ -23,11 +23,11 @@ from fastxai._checks import check_images, check_model
 from fastxai.capture import resolve_layer
 from fastxai.explanation import Explanation
 from fastxai.io import atomic_save
-from fastxai.matching.api import check_options, compute_targets, finish_explanation
 from fastxai.matching.feature_decoder import init_decoder_params
 from fastxai.matching.features import MatchedLayer, feature_extractor, normalise_layers
 from fastxai.matching.generator import GeneratorParams, init_generator_params
 from fastxai.matching.losses import TERMS, LossWeights
+from fastxai.matching.paper import check_options, compute_targets, finish_explanation
 from fastxai.matching.trainer import (
     StepConfig,
     compiled_step_terms,

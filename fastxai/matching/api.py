@@ -1,8 +1,10 @@
 """``activation_matching``: minimal binary masks whose masked image keeps the model's activations
-and prediction (Suhail, Anand, Sethi 2025; SPEC.md §C)."""
+and prediction (Suhail, Anand, Sethi 2025), by the stable area-ladder recipe (default,
+:mod:`fastxai.matching.ladder`) or the authors' notebook recipe (:mod:`fastxai.matching.paper`)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,112 +14,20 @@ from torch import Tensor, nn
 
 from fastxai._checks import check_images, check_model
 from fastxai.explanation import Explanation
-from fastxai.matching.features import (
-    STANDARDISED_MSE,
-    MatchedLayer,
-    feature_extractor,
-    normalise_layers,
-    run_extractor,
-)
-from fastxai.matching.generator import (
-    GeneratorParams,
-    init_generator_params,
-)
+from fastxai.matching import ladder
+from fastxai.matching.features import feature_extractor, normalise_layers, run_extractor
 from fastxai.matching.losses import TERMS, LossWeights
-from fastxai.matching.trainer import BACKGROUNDS, StepConfig, mask_logits, train_generators
+from fastxai.matching.paper import compute_targets, paper_activation_matching
 from fastxai.targets import resolve_targets
 
-DEFAULT_STEPS = 880
-DEFAULT_LR = 5e-5
-DEFAULT_SEED = 0
-# Restart r of an image with seed s starts from seed s + r * RESTART_SEED_STRIDE.
-RESTART_SEED_STRIDE = 100_003
-# The restart kept is the one with the lowest weighted loss, averaged over its last steps.
-RESTART_LOSS_STEPS = 10
-
-
-def check_options(
-    x: Tensor,
-    steps: int,
-    lr: float,
-    temperature: float,
-    neighbours: int,
-    backgrounds: Sequence[str],
-    width: int,
-    depth: int,
-    seed: int,
-) -> None:
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if not isinstance(lr, (int, float)) or not lr > 0:
-        raise ValueError(f"lr must be a number > 0, got {lr!r}")
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-    if neighbours not in (4, 8):
-        raise ValueError(f"neighbours must be 4 or 8, got {neighbours!r}")
-    if isinstance(backgrounds, str) or any(b not in BACKGROUNDS for b in backgrounds):
-        raise ValueError(f"backgrounds must be a sequence of {BACKGROUNDS}, got {backgrounds!r}")
-    if not isinstance(width, int) or width < 1 or not isinstance(depth, int) or depth < 0:
-        raise ValueError(f"width must be an int >= 1 and depth an int >= 0, got {width}, {depth}")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-    height, width_px = x.shape[-2:]
-    if height % 2**depth or width_px % 2**depth:
-        raise ValueError(
-            f"x: height and width must be divisible by 2**depth = {2**depth} for the U-Net, "
-            f"got {height} x {width_px} (resize, or pass a smaller depth)"
-        )
-
-
-def per_image_seeds(seed: int | Sequence[int], n: int) -> list[int]:
-    """``seed + i`` for image ``i``, or the given sequence of ``n`` seeds."""
-    if isinstance(seed, Sequence) and not isinstance(seed, str):
-        seeds = list(seed)
-        if len(seeds) != n or any(not isinstance(s, int) or isinstance(s, bool) for s in seeds):
-            raise ValueError(f"seed: expected an int or {n} ints (one per image), got {seed!r}")
-        return seeds
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise TypeError(f"seed must be an int or a sequence of ints, got {type(seed).__name__}")
-    return [seed + i for i in range(n)]
-
-
-def per_image_weights(weights: object, n: int) -> LossWeights | list[LossWeights]:
-    """One :class:`LossWeights` for every image, or a list of ``n`` (one per image)."""
-    if isinstance(weights, Sequence) and not isinstance(weights, str):
-        if len(weights) != n:
-            raise ValueError(
-                f"weights: a sequence needs one entry per image ({n}), got {len(weights)}"
-            )
-        return [LossWeights.from_any(w) for w in weights]
-    return LossWeights.from_any(weights)
-
-
-def weights_tensor(weights: LossWeights | list[LossWeights], like: Tensor) -> Tensor:
-    """``(T,)`` for one weight set, ``(N, T)`` for one per image; in :data:`TERMS` order."""
-    if isinstance(weights, list):
-        return torch.stack([w.as_tensor(like) for w in weights])
-    return weights.as_tensor(like)
-
-
-@torch.no_grad()
-def compute_targets(
-    extractor: nn.Module, x: Tensor, layers: list[MatchedLayer]
-) -> tuple[Tensor, list[Tensor]]:
-    logits, features = run_extractor(extractor, x)
-    if not isinstance(logits, Tensor) or logits.dim() != 2:
-        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise ValueError(f"model must return logits of shape (N, num_classes), got {shape}")
-    for layer, feature in zip(layers, features, strict=True):
-        if feature.dim() != 4:
-            raise ValueError(
-                f"layers: {layer.name!r} yields {tuple(feature.shape)}; activation matching "
-                "needs (N, C, h, w) feature maps"
-            )
-        if layer.distance == STANDARDISED_MSE and feature.shape[-2] * feature.shape[-1] < 2:
-            raise ValueError(
-                f"layers: {layer.name!r} is 1x1; its standardised MSE is undefined, use 'cosine'"
-            )
-    return logits, features
+RECIPES = ("stable", "paper")
+# The stable recipe scores candidate masks by the notebook's fidelity terms (CE 15, KL 5, act 10)
+# divided by 15; the area is set by the ladder, and binary cell masks need no area, binarisation
+# or TV prior.
+STABLE_WEIGHTS = LossWeights(
+    act=10 / 15, kl=5 / 15, ce=1.0, area=0.0, bin=0.0, tv=0.0, rob=0.0, nec=0.0
+)
+STABLE_TERMS = ladder.SCORED_TERMS
 
 
 def activation_matching(
@@ -125,89 +35,126 @@ def activation_matching(
     x: Tensor,
     targets: int | Sequence[int] | Tensor | None = None,
     layers: Sequence[Any] | None = None,
-    steps: int = DEFAULT_STEPS,
-    weights: LossWeights
-    | dict[str, float]
-    | Sequence[LossWeights | dict[str, float]]
-    | None = None,
+    steps: int | None = None,
+    weights: Any = None,
     *,
-    seed: int | Sequence[int] = DEFAULT_SEED,
-    progress: bool = True,
-    lr: float = DEFAULT_LR,
-    temperature: float = 2.0,
-    neighbours: int = 4,
-    backgrounds: Sequence[str] = ("normal",),
-    width: int = 32,
-    depth: int = 4,
-    compile: bool = True,
-    generator_precision: str = "float32",
-    restarts: int = 1,
-    keep: str = "loss",
+    recipe: str = "stable",
+    **options: Any,
 ) -> Explanation:
     r"""Minimal binary masks ``m`` whose explanation :math:`e = m \odot x` keeps the model's
-    activations and prediction (Activation Matching, SPEC.md §C).
+    activations and prediction (Activation Matching; Suhail, Anand, Sethi 2025).
 
-    Each image gets its own U-Net mask generator (width ``width``, depth ``depth``), trained
-    from scratch with Adam (``lr``) for ``steps`` steps on
-    :math:`L = \lambda_{act} L_{act} + \lambda_{KL} L_{KL} + \lambda_{CE} L_{CE}
-    + \lambda_{area} \overline{p} + \lambda_{bin} \overline{p(1-p)} + \lambda_{tv} TV(p)
-    + \lambda_{rob} L_{rob} + \lambda_{nec} L_{nec}`, with :math:`p = \sigma(\mathrm{U\text{-}Net}
-    (x))`, the hard mask :math:`m = 1[p > 0.5]` (straight-through gradient), and
+    Both recipes minimise fidelity terms of the paper: :math:`L_{act} = \sum_\ell \alpha_\ell
+    d_\ell(\varphi_\ell(x), \varphi_\ell(e))` over ``layers`` (default:
+    :func:`fastxai.matching.features.default_layers`), :math:`L_{KL} = T^2 KL(\mathrm{softmax}
+    (f(x)/T) \| \mathrm{softmax}(f(e)/T))` and :math:`L_{CE} = CE(f(e), y)`, with ``y`` the
+    ``targets`` (default: the top-1 class of ``x``), plus the weighted mask priors.
 
-    * :math:`L_{act} = \sum_\ell \alpha_\ell d_\ell(\varphi_\ell(x), \varphi_\ell(e))` over
-      ``layers`` (default: :func:`fastxai.matching.features.default_layers`);
-    * :math:`L_{KL} = T^2 KL(\mathrm{softmax}(f(x)/T) \| \mathrm{softmax}(f(e)/T))`,
-      ``T = temperature``; :math:`L_{CE} = CE(f(e), y)`;
-    * :math:`L_{rob} = \mathrm{mean}_k CE(f(m \odot x + (1-m) \odot r_k), y)` over
-      ``backgrounds`` (fresh noise each step);
-      :math:`L_{nec} = \max(0, 1 - (z_y(x) - z_y((1-m) \odot x)))`;
-    * TV: mean-reduced L1, 4-neighbour (``neighbours=8``: diagonals weighted :math:`1/\sqrt2`).
+    ``recipe="stable"`` (default; :mod:`fastxai.matching.ladder`): a ladder of masks of fixed
+    areas (``areas``, default 5 / 10 / 15 / 20 / 30 % of the pixels), each parametrised by
+    low-resolution logits (one per ``cell x cell`` block, default 8) shrunk from "keep
+    everything" and hardened on a fixed schedule (``steps``, default 150; Adam ``lr`` 0.1 with
+    cosine decay). No random start: the mask depends on the model and the image, not on a seed.
+    The result is, per image, the smallest area whose binary mask keeps ``y`` as the top-1 class
+    of ``e`` with :math:`p_y(e) \ge` ``keep_ratio`` :math:`\cdot p_y(x)` (default ½). Options:
+    ``areas``, ``cell``, ``keep_ratio``, ``lr``, ``temperature`` (2), ``neighbours`` (4, for the
+    TV prior), ``seed`` (draws the noise backgrounds of the ``rob`` term, used only when its
+    weight is > 0), ``robust_copies`` (1), ``compile`` (True), ``progress`` (True). ``weights``
+    override :data:`STABLE_WEIGHTS`. Extras beside those of the paper recipe: ``area`` (the
+    chosen area, NaN where none kept the class), ``found``, ``undecided_fraction`` (pixels with
+    :math:`|p - ½| < 0.1`) and ``ladder`` (``areas``, and per image and area ``kept_fraction``,
+    ``top1_kept``, ``prob_e``, ``masks``). An image where no area keeps the class gets the
+    largest area's mask, ``found`` False and a warning.
 
-    ``y`` is ``targets`` (class indices) or, by default, the top-1 class of ``x``.
-    ``weights``: :class:`LossWeights` or a dict overriding some of its defaults, or a sequence of
-    those, one per image (e.g. a weight sweep: the same photo repeated, one weight set each).
-    Image ``n`` uses seed ``seed + n`` (its generator's initial weights and its noise), so a batch
-    gives the same masks as explaining its images one by one; ``seed`` may also be a sequence of
-    one seed per image (repeat a seed to give copies of a photo the same start and noise).
-    ``compile`` runs the step through ``torch.compile(fullgraph=True)`` (the first call
-    compiles, 10-40 s on a CPU).
-    ``generator_precision="bfloat16"`` runs the U-Net under autocast (1.6x faster on a CPU with
-    AVX512-BF16; the classifier and the loss stay in the input's dtype); masks differ slightly
-    from the float32 default where ``p`` is near 0.5.
-
-    ``restarts``: train that many generators per image (restart ``r`` from seed
-    ``seed_n + r * 100003``, all in the same batched steps) and keep, per image, one of them:
-    ``keep="loss"`` the lowest weighted loss over its last 10 steps (the objective's choice);
-    ``keep="smallest"`` the mask with the fewest kept pixels among those whose ``e`` keeps the
-    top-1 class of ``x`` (the lowest loss when none does). The objective is not convex and on
-    real classifiers different seeds end in minima of very different size
-    (benchmarks/README.md); ``extras["restart_losses"]``, ``extras["restart_kept_fraction"]``
-    and ``extras["restart_top1_kept"]`` (each ``(N, restarts)``) and ``extras["restart_kept"]``
-    (the index chosen) say how far apart they ended.
+    ``recipe="paper"``: the authors' notebook (per-image U-Net from a seeded random start,
+    straight-through threshold at ½, 880 Adam steps at 5e-5); see
+    :func:`fastxai.matching.paper.paper_activation_matching` for its options (``restarts``,
+    ``width``, ``depth``, ``generator_precision``, ...). Its mask depends on the seed.
 
     Returns an :class:`Explanation` with ``mask`` ``(N, H, W)`` bool, ``maps`` the same as float,
     and ``extras``: ``explanation`` (e), ``soft_mask`` (p), ``kept_fraction``, ``top1_x``,
     ``top1_e``, ``top1_kept``, ``prob_x`` and ``prob_e`` (softmax probability of ``y``),
-    ``loss_history`` (term -> ``(steps, N)``, plus ``"total"``), ``layers``, ``weights`` (as
-    given: one :class:`LossWeights`, or a list of them).
+    ``logits_e``, ``loss_history`` (term -> per-step values, plus ``"total"``), ``layers``,
+    ``weights``, ``recipe``.
     """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
+    if recipe == "paper":
+        if steps is not None:
+            options["steps"] = steps
+        explanation = paper_activation_matching(
+            model, x, targets, layers, weights=weights, **options
+        )
+        explanation.extras["recipe"] = "paper"
+        return explanation
+    unknown = set(options) - set(STABLE_OPTIONS)
+    if unknown:
+        raise TypeError(
+            f"activation_matching: {sorted(unknown)} are not options of recipe='stable' "
+            f"(its options: {sorted(STABLE_OPTIONS)}); recipe='paper' has its own"
+        )
+    if steps is not None:
+        raise TypeError("steps: recipe='stable' has no training steps (it deletes cells)")
+    return stable_activation_matching(model, x, targets, layers, weights, **options)
+
+
+def check_ladder_options(
+    areas: Sequence[float],
+    keep_ratio: float,
+    refine_below: float,
+    delete_fraction: float,
+    batch_size: int,
+) -> None:
+    if isinstance(areas, (str, bytes)) or not isinstance(areas, Sequence) or not areas:
+        raise ValueError(f"areas: expected a non-empty sequence of fractions, got {areas!r}")
+    if any(not isinstance(a, (int, float)) or not 0 < a <= 1 for a in areas):
+        raise ValueError(f"areas: every area must be a fraction in (0, 1], got {list(areas)}")
+    if list(areas) != sorted(set(areas)):
+        raise ValueError(f"areas: expected distinct areas in increasing order, got {list(areas)}")
+    for name, value in (
+        ("keep_ratio", keep_ratio),
+        ("refine_below", refine_below),
+        ("delete_fraction", delete_fraction),
+    ):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+            raise ValueError(f"{name}: expected a number in [0, 1], got {value!r}")
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+
+
+def stable_activation_matching(
+    model: nn.Module,
+    x: Tensor,
+    targets: int | Sequence[int] | Tensor | None = None,
+    layers: Sequence[Any] | None = None,
+    weights: Any = None,
+    *,
+    areas: Sequence[float] = ladder.DEFAULT_AREAS,
+    keep_ratio: float = ladder.DEFAULT_KEEP_RATIO,
+    temperature: float = 2.0,
+    refine_below: float = ladder.DEFAULT_REFINE_BELOW,
+    delete_fraction: float = ladder.DEFAULT_DELETE_FRACTION,
+    batch_size: int = ladder.DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> Explanation:
+    """The stable recipe of :func:`activation_matching` (see there and
+    :mod:`fastxai.matching.ladder`)."""
     check_model(model)
     check_images(model, x)
-    if x.shape[0] == 0:
-        raise ValueError("x: expected at least one image, got an empty batch")
     n = x.shape[0]
-    seeds = per_image_seeds(seed, n)
-    check_options(x, steps, lr, temperature, neighbours, backgrounds, width, depth, seeds[0])
-    precisions = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if generator_precision not in precisions:
+    if n == 0:
+        raise ValueError("x: expected at least one image, got an empty batch")
+    check_ladder_options(areas, keep_ratio, refine_below, delete_fraction, batch_size)
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    loss_weights = LossWeights.from_any(weights, STABLE_WEIGHTS)
+    unused = [t for t in TERMS if t not in STABLE_TERMS and getattr(loss_weights, t) > 0]
+    if unused:
         raise ValueError(
-            f"generator_precision must be one of {list(precisions)}, got {generator_precision!r}"
+            f"weights: recipe='stable' scores masks by {list(STABLE_TERMS)} only; "
+            f"{unused} must be 0 (they are terms of recipe='paper')"
         )
-    if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 1:
-        raise ValueError(f"restarts must be an int >= 1, got {restarts!r}")
-    if keep not in ("loss", "smallest"):
-        raise ValueError(f"keep must be 'loss' or 'smallest', got {keep!r}")
-    loss_weights = per_image_weights(weights, n)
+
     images = x.detach()
     matched = normalise_layers(model, images, layers)
     extractor = feature_extractor(model, [layer.name for layer in matched])
@@ -215,149 +162,126 @@ def activation_matching(
     if callable(targets) or (isinstance(targets, Sequence) and any(callable(t) for t in targets)):
         raise TypeError("targets: activation_matching needs class indices, not callables")
     labels = resolve_targets(targets, target_logits).classes
-
-    # restart r of image i is run i * restarts + r
-    run_seeds = [s + r * RESTART_SEED_STRIDE for s in seeds for r in range(restarts)]
-    run_weights = (
-        [w for w in loss_weights for _ in range(restarts)]
-        if isinstance(loss_weights, list)
-        else loss_weights
-    )
-
-    def per_run(t: Tensor) -> Tensor:
-        return t.repeat_interleave(restarts, 0) if restarts > 1 else t
-
-    params = init_generator_params(
-        run_seeds,
-        in_channels=images.shape[1],
-        width=width,
-        depth=depth,
-        device=images.device,
-        dtype=images.dtype,
-    )
-    config = StepConfig(
+    config = ladder.ScoreConfig(
         layer_weights=tuple(layer.weight for layer in matched),
         distances=tuple(layer.distance for layer in matched),
         temperature=float(temperature),
-        neighbours=neighbours,
-        with_necessity=any(w.nec > 0 for w in loss_weights)
-        if isinstance(loss_weights, list)
-        else loss_weights.nec > 0,
-        generator_autocast=precisions[generator_precision],
+        act=loss_weights.act,
+        kl=loss_weights.kl,
+        ce=loss_weights.ce,
     )
-    run_weight_tensor = weights_tensor(run_weights, images)
-    result = train_generators(
-        params,
-        per_run(images),
-        per_run(target_logits),
-        [per_run(f) for f in target_features],
-        per_run(labels),
-        run_weight_tensor,
-        extractor,
-        config,
-        steps=steps,
-        lr=lr,
-        backgrounds=tuple(backgrounds),
-        seeds=run_seeds,
-        compile=compile,
-        progress=progress,
-        restarts=restarts,
-    )
-    kept_params, history = result.params, result.history
-    restart_extras: dict[str, Tensor] = {}
-    if restarts > 1:
-        final = (result.history[-RESTART_LOSS_STEPS:] * run_weight_tensor.float()).sum(2).mean(0)
-        final = final.view(n, restarts)
-        every = finish_explanation(
+    with torch.no_grad():
+        result = ladder.greedy_deletion(
             extractor,
-            result.params,
-            per_run(images),
-            per_run(target_logits),
-            per_run(labels),
-            result.history,
-            run_weights,
+            images,
+            target_logits,
+            target_features,
+            labels,
+            config,
+            smallest_area=float(areas[0]),
+            refine_below=float(refine_below),
+            delete_fraction=float(delete_fraction),
+            batch_size=batch_size,
+            progress=progress,
+        )
+        return finish_ladder(
+            extractor,
+            result,
+            images,
+            torch.tensor([float(a) for a in areas]),
+            target_logits,
+            labels,
+            keep_ratio,
+            loss_weights,
             matched,
-            [per_run(f) for f in target_features],
-            config.generator,
-            config.generator_autocast,
-        ).extras
-        kept_fraction = every["kept_fraction"].view(n, restarts)
-        top1_kept = every["top1_kept"].view(n, restarts)
-        best = final.argmin(1)
-        if keep == "smallest":
-            size = kept_fraction.masked_fill(~top1_kept, float("inf"))
-            best = torch.where(top1_kept.any(1), size.argmin(1), best)
-        runs = torch.arange(n, device=best.device) * restarts + best
-        kept_params = {name: t[runs.to(t.device)] for name, t in result.params.items()}
-        history = result.history[:, runs.to(history.device)]
-        restart_extras = {
-            "restart_losses": final,
-            "restart_kept_fraction": kept_fraction,
-            "restart_top1_kept": top1_kept,
-            "restart_kept": best,
-        }
-    explanation = finish_explanation(
-        extractor,
-        kept_params,
-        images,
-        target_logits,
-        labels,
-        history,
-        loss_weights,
-        matched,
-        target_features,
-        config.generator,
-        config.generator_autocast,
-    )
-    explanation.extras.update(restart_extras)
-    return explanation
+        )
 
 
-@torch.no_grad()
-def finish_explanation(
+def finish_ladder(
     extractor: nn.Module,
-    params: GeneratorParams,
+    result: ladder.DeletionResult,
     images: Tensor,
+    areas: Tensor,
     target_logits: Tensor,
     labels: Tensor,
-    history: Tensor,
-    loss_weights: LossWeights | list[LossWeights],
-    matched: list[MatchedLayer],
-    features: Sequence[Tensor],
-    generator: str,
-    generator_autocast: torch.dtype | None,
+    keep_ratio: float,
+    loss_weights: LossWeights,
+    matched: list,
 ) -> Explanation:
-    """The final hard masks ``1[p > 0.5]`` of trained generators (:func:`mask_logits`;
-    ``features``: the images' matched-layer features), ``e = m * x`` and one forward of ``e``:
-    the :class:`Explanation` of :func:`activation_matching`."""
-    weight_tensor = weights_tensor(loss_weights, images)
-    final_logits = mask_logits(params, images, features, generator, generator_autocast)
-    soft = torch.sigmoid(final_logits.to(images.dtype))[:, 0]
-    mask = soft > 0.5
-    explanation = mask[:, None].to(images.dtype) * images
-    logits_e, _ = run_extractor(extractor, explanation)
+    """The rungs' masks, one forward of their explanations, the selection of the smallest rung
+    that keeps the class, and the :class:`Explanation`."""
+    n, rungs = images.shape[0], areas.numel()
+    device = images.device
+    steps = ladder.ladder_rungs(result, areas)  # (N, A)
+    sequence = torch.stack(result.masks)  # (S, N, H, W)
+    rung_masks = sequence[steps, torch.arange(n, device=device)[:, None]]  # (N, A, H, W)
+    flat_masks = rung_masks.flatten(0, 1)
+    explanations = flat_masks[:, None].to(images.dtype) * images.repeat_interleave(rungs, 0)
+    logits_e, _ = run_extractor(extractor, explanations)
     prob_x = F.softmax(target_logits, 1).gather(1, labels[:, None])[:, 0]
-    prob_e = F.softmax(logits_e, 1).gather(1, labels[:, None])[:, 0]
-    top1_x, top1_e = target_logits.argmax(1), logits_e.argmax(1)
-    terms = {term: history[:, :, i] for i, term in enumerate(TERMS)}
-    terms["total"] = (history * weight_tensor.float()).sum(2)
+    per_rung_labels = labels.repeat_interleave(rungs)[:, None]
+    prob_rungs = F.softmax(logits_e, 1).gather(1, per_rung_labels)[:, 0].view(n, rungs)
+    top1_rungs = logits_e.argmax(1).view(n, rungs)
+    keeps = (top1_rungs == labels[:, None]) & (prob_rungs >= keep_ratio * prob_x[:, None])
+    found = keeps.any(1)
+    # the first rung that keeps the class, else the largest
+    chosen = torch.where(found, keeps.int().argmax(1), torch.full_like(labels, rungs - 1))
+    rows = torch.arange(n, device=device) * rungs + chosen
+    for i in (~found).nonzero()[:, 0].tolist():
+        warnings.warn(
+            f"activation_matching: image {i}: no area up to {100 * float(areas[-1]):g} % keeps "
+            f"class {int(labels[i])} with p(e) >= {keep_ratio:g} p(x); its mask is the largest "
+            "area's and does not keep it (pass larger areas=...)",
+            stacklevel=4,
+        )
+    mask = flat_masks[rows]
+    kept_rungs = flat_masks.flatten(1).float().mean(1).view(n, rungs)
+    history = result.terms[1:].float()  # (rounds, N, 3); row 0 of terms is the full image
+    terms = {term: history[..., i] for i, term in enumerate(STABLE_TERMS)}
+    weights = torch.tensor([getattr(loss_weights, t) for t in STABLE_TERMS])
+    terms["total"] = (history * weights.to(history.device)).sum(-1)
+    top1_x = target_logits.argmax(1)
+    top1_e = top1_rungs.gather(1, chosen[:, None])[:, 0]
     return Explanation(
         maps=mask.to(torch.float64 if images.dtype == torch.float64 else torch.float32),
         targets=labels,
         logits=target_logits,
         mask=mask,
         extras={
-            "explanation": explanation,
-            "soft_mask": soft,
-            "kept_fraction": mask.flatten(1).float().mean(1),
+            "explanation": explanations[rows],
+            "soft_mask": mask.to(images.dtype),
+            "kept_fraction": kept_rungs.gather(1, chosen[:, None])[:, 0],
+            "area": torch.where(found, areas.to(device)[chosen], float("nan")),
+            "found": found,
             "top1_x": top1_x,
             "top1_e": top1_e,
             "top1_kept": top1_e == top1_x,
             "prob_x": prob_x,
-            "prob_e": prob_e,
-            "logits_e": logits_e,
+            "prob_e": prob_rungs.gather(1, chosen[:, None])[:, 0],
+            "logits_e": logits_e.view(n, rungs, -1)[torch.arange(n, device=device), chosen],
+            "ladder": {
+                "areas": areas.float(),
+                "kept_fraction": kept_rungs,
+                "top1_kept": top1_rungs == top1_x[:, None],
+                "keeps_class": keeps,
+                "prob_e": prob_rungs,
+                "masks": rung_masks,
+            },
+            "kept_sequence": result.kept,
             "loss_history": terms,
             "layers": matched,
             "weights": loss_weights,
+            "recipe": "stable",
         },
     )
+
+
+STABLE_OPTIONS = (
+    "areas",
+    "keep_ratio",
+    "temperature",
+    "refine_below",
+    "delete_fraction",
+    "batch_size",
+    "progress",
+)

@@ -134,9 +134,10 @@ def _up(x: Tensor, params: GeneratorParams, name: str) -> Tensor:
 
 def generator_logits(params: GeneratorParams, x: Tensor, *, grouped: bool | None = None) -> Tensor:
     """Mask logits ``(N, 1, H, W)``: of image ``x[g]`` under generator ``g`` (``N = G``), or of
-    every image under the one generator (``G = 1``). ``H`` and ``W`` must be divisible by
-    ``2^depth``. ``grouped``: one grouped convolution per layer for all ``G`` generators, or each
-    generator on its own; default grouped except on the CPU (see the module docstring)."""
+    every image under the one generator (``G = 1``). Sizes not divisible by ``2^depth`` are
+    padded (replicated border) for the U-Net and the logits cropped back. ``grouped``: one
+    grouped convolution per layer for all ``G`` generators, or each generator on its own;
+    default grouped except on the CPU (see the module docstring)."""
     groups = next(iter(params.values())).shape[0]
     if grouped is None:
         grouped = x.device.type != "cpu"
@@ -154,6 +155,12 @@ def generator_logits(params: GeneratorParams, x: Tensor, *, grouped: bool | None
 
 def _unet_logits(params: GeneratorParams, x: Tensor) -> Tensor:
     depth = generator_depth(params)
+    height, width = x.shape[-2:]
+    multiple = 2**depth
+    pad_h, pad_w = -height % multiple, -width % multiple
+    if pad_h or pad_w:  # any input size: replicate the border up to a multiple, crop the logits
+        padded = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+        return _unet_logits(params, padded)[..., :height, :width]
     skips: list[Tensor] = []
     h = x
     for level in range(depth):

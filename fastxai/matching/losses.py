@@ -6,7 +6,7 @@ gives every generator exactly the gradient it would get alone.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +50,12 @@ class LossWeights:
         return torch.tensor([getattr(self, t) for t in TERMS], dtype=like.dtype, device=like.device)
 
     @classmethod
-    def from_any(cls, weights: object) -> LossWeights:
-        """``None`` (defaults), a :class:`LossWeights`, or a mapping overriding some terms."""
+    def from_any(cls, weights: object, defaults: LossWeights | None = None) -> LossWeights:
+        """``None`` (``defaults``, else the class defaults), a :class:`LossWeights`, or a mapping
+        overriding some terms of ``defaults``."""
+        base = cls() if defaults is None else defaults
         if weights is None:
-            return cls()
+            return base
         if isinstance(weights, cls):
             return weights
         if not isinstance(weights, dict):
@@ -67,7 +69,7 @@ class LossWeights:
         for name, value in weights.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"weights[{name!r}] must be a number >= 0, got {value!r}")
-        return cls(**{k: float(v) for k, v in weights.items()})
+        return replace(base, **{k: float(v) for k, v in weights.items()})
 
 
 def standardise(a: Tensor) -> Tensor:

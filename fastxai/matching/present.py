@@ -12,23 +12,18 @@ import numpy as np
 from torch import Tensor, nn
 
 from fastxai.explanation import Explanation
-from fastxai.matching.api import DEFAULT_STEPS, activation_matching
-
-# The demo's reduced schedule: the default (880 steps at lr 5e-5) takes minutes per photo on a
-# CPU; 200 steps at a 4x larger learning rate cover a similar distance in weight space.
-DEMO_STEPS = 200
-DEMO_LR = 2e-4
-# Three seeds trained together; the panel shows the smallest mask that keeps the top-1 (a single
-# 200-step run on chelsea ended at 8-11 % kept with the top-1 lost in two runs).
-DEMO_RESTARTS = 3
+from fastxai.matching.api import activation_matching
 
 
 def am_summary(explanation: Explanation, index: int = 0) -> dict[str, Any]:
-    """Image ``index`` of an Activation Matching result: ``kept`` (fraction of pixels),
-    ``target``, ``top1_x``, ``top1_e``, ``top1_kept``, ``p_x`` and ``p_e`` (softmax probability
-    of the explained class on the image and on the explanation) and ``steps``."""
+    """Image ``index`` of an Activation Matching result: ``recipe``, ``kept`` (fraction of
+    pixels), ``target``, ``top1_x``, ``top1_e``, ``top1_kept``, ``p_x`` and ``p_e`` (softmax
+    probability of the explained class on the image and on the explanation), ``steps``; for the
+    stable recipe also ``area`` (None where no area kept the class), ``found`` and ``ladder``
+    (``[(area, keeps_class, p_e), ...]``)."""
     extras = explanation.extras
-    return {
+    summary: dict[str, Any] = {
+        "recipe": extras.get("recipe", "paper"),
         "kept": float(extras["kept_fraction"][index]),
         "target": int(explanation.targets[index]),
         "top1_x": int(extras["top1_x"][index]),
@@ -38,23 +33,45 @@ def am_summary(explanation: Explanation, index: int = 0) -> dict[str, Any]:
         "p_e": float(extras["prob_e"][index]),
         "steps": int(extras["loss_history"]["total"].shape[0]),
     }
+    if summary["recipe"] == "stable":
+        rungs = extras["ladder"]
+        summary["found"] = bool(extras["found"][index])
+        summary["area"] = float(extras["area"][index]) if summary["found"] else None
+        summary["ladder"] = [
+            (float(a), bool(k), float(p))
+            for a, k, p in zip(
+                rungs["areas"], rungs["keeps_class"][index], rungs["prob_e"][index], strict=True
+            )
+        ]
+    return summary
 
 
 def am_line(summary: dict[str, Any], class_names: Sequence[str] = ()) -> str:
-    """``AM 200/880 steps: kept 4.7% of pixels, p 0.612 -> 0.830, top-1 kept ('tabby')``."""
+    """One line: ``AM (stable, 27 rounds): 10% area keeps 'tabby' (p 0.612 -> 0.830, ...)`` or
+    ``AM (paper, 880 steps): kept 4.7% of pixels, p 0.612 -> 0.830, top-1 kept ('tabby')``."""
 
     def name(i: int) -> str:
         return repr(class_names[i]) if 0 <= i < len(class_names) else f"class {i}"
 
+    unit = "rounds" if summary["recipe"] == "stable" else "steps"
+    head = f"AM ({summary['recipe']}, {summary['steps']} {unit})"
+    probabilities = f"p {summary['p_x']:.3f} -> {summary['p_e']:.3f}"
     top1 = (
         f"top-1 kept ({name(summary['top1_x'])})"
         if summary["top1_kept"]
         else f"top-1 changed {name(summary['top1_x'])} -> {name(summary['top1_e'])}"
     )
-    steps = f"{summary['steps']}/{DEFAULT_STEPS} steps"
+    if summary["recipe"] != "stable":
+        return f"{head}: kept {100 * summary['kept']:.1f}% of pixels, {probabilities}, {top1}"
+    if not summary["found"]:
+        largest = summary["ladder"][-1][0]
+        return (
+            f"{head}: no area up to {100 * largest:g}% keeps {name(summary['target'])} "
+            f"(largest: {probabilities}, {top1})"
+        )
     return (
-        f"AM {steps}: kept {100 * summary['kept']:.1f}% of pixels, "
-        f"p {summary['p_x']:.3f} -> {summary['p_e']:.3f}, {top1}"
+        f"{head}: {100 * summary['area']:g}% area keeps {name(summary['target'])} "
+        f"({probabilities}, {top1})"
     )
 
 
@@ -65,7 +82,6 @@ def explain_and_draw(
     out_path: str | Path,
     *,
     target: int | None = None,
-    steps: int = DEMO_STEPS,
     progress: bool = True,
     **options: Any,
 ) -> tuple[Explanation, dict[str, Any], Path]:
@@ -77,9 +93,7 @@ def explain_and_draw(
     from fastxai.viz import save_png, tft_overlay
 
     start = time.perf_counter()
-    explanation = activation_matching(
-        model, x, targets=target, steps=steps, progress=progress, **options
-    )
+    explanation = activation_matching(model, x, targets=target, progress=progress, **options)
     summary = {**am_summary(explanation), "time_s": time.perf_counter() - start}
     picture = tft_overlay(
         display,
@@ -95,35 +109,20 @@ def demo_photo(
     photo: str,
     out_dir: str | Path,
     say: Any = print,
-    *,
-    steps: int = DEMO_STEPS,
-    lr: float = DEMO_LR,
-    restarts: int = DEMO_RESTARTS,
     **options: Any,
 ) -> dict[str, Any]:
-    """The demo's Activation Matching panel for one photo: writes ``<photo>_am.png``, says what
-    was reduced and the summary line, and returns :func:`am_summary` plus ``time_s`` and
-    ``path``. ``loaded`` is a :class:`fastxai.models.LoadedModel`; ``rgb`` the photo; ``options``
-    go to :func:`activation_matching`."""
+    """The demo's Activation Matching panel for one photo (the default, stable recipe): writes
+    ``<photo>_am.png``, says the summary line, and returns :func:`am_summary` plus ``time_s``
+    and ``path``. ``loaded`` is a :class:`fastxai.models.LoadedModel`; ``rgb`` the photo;
+    ``options`` go to :func:`activation_matching`."""
     from fastxai.models import crop_and_resize
 
-    reduced = f"{steps} steps at lr {lr:g}" + (
-        f", reduced from the default {DEFAULT_STEPS} at lr 5e-05 to keep the demo short"
-        if (steps, lr) != (DEFAULT_STEPS, 5e-5)
-        else ""
-    )
-    if restarts > 1:
-        reduced += f"; {restarts} seeds, showing the smallest mask that keeps the top-1"
-    say(f"  {'am':<12} Activation Matching on {photo}: {reduced}")
+    say(f"  {'am':<12} Activation Matching on {photo} (smallest mask that keeps the top-1)")
     _, summary, path = explain_and_draw(
         loaded.model,
         loaded.preprocess(rgb),
         crop_and_resize(rgb),
         Path(out_dir) / f"{photo}_am.png",
-        steps=steps,
-        lr=lr,
-        restarts=restarts,
-        keep="smallest",
         **options,
     )
     say(f"  {'':<12} {am_line(summary, loaded.class_names)} ({summary['time_s']:.0f} s) -> {path}")
@@ -131,9 +130,6 @@ def demo_photo(
 
 
 __all__ = [
-    "DEMO_LR",
-    "DEMO_RESTARTS",
-    "DEMO_STEPS",
     "am_line",
     "am_summary",
     "demo_photo",

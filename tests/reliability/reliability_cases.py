@@ -194,8 +194,20 @@ def _resnet18() -> nn.Module:
 
 def _matching(m: nn.Module, x: Tensor, t: Any, **options: Any) -> Any:
     return fastxai.activation_matching(
-        m, x, t, ["block", "features"], steps=2, compile=False, progress=False, **options
+        m,
+        x,
+        t,
+        ["block", "features"],
+        steps=2,
+        recipe="paper",
+        compile=False,
+        progress=False,
+        **options,
     )
+
+
+def _matching_stable(m: nn.Module, x: Tensor, t: Any, **options: Any) -> Any:
+    return fastxai.activation_matching(m, x, t, ["block", "features"], progress=False, **options)
 
 
 def _exploding_transform(t: Tensor) -> Tensor:
@@ -285,6 +297,12 @@ ENTRY_POINTS: list[Entry] = [
         lambda m, x, t: _matching(m, x, t),
         False,
         lambda m, x: _matching(m, x, None, weights={"kl": float("nan")}),
+    ),
+    Entry(
+        "activation_matching stable",
+        lambda m, x, t: _matching_stable(m, x, t),
+        False,
+        lambda m, x: _matching_stable(m, x, None, weights={"kl": float("nan")}),
     ),
 ]
 
@@ -546,9 +564,17 @@ BAD_INPUTS: list[Bad] = [
     ),
     Bad(
         "activation_matching steps",
-        lambda: fastxai.activation_matching(_M, _X, steps=0, progress=False, compile=False),
+        lambda: fastxai.activation_matching(
+            _M, _X, steps=0, recipe="paper", progress=False, compile=False
+        ),
         ValueError,
         r"steps must be an int >= 1",
+    ),
+    Bad(
+        "activation_matching areas",
+        lambda: fastxai.activation_matching(_M, _X, areas=(0.3, 0.1), progress=False),
+        ValueError,
+        r"areas: expected distinct areas in increasing order",
     ),
     Bad(
         "activation_matching layers",
