@@ -690,11 +690,14 @@ def test_demo_photo_writes_the_panel_with_the_stable_recipe(tmp_path) -> None:
     loaded = LoadedModel(tiny_model(), imagenet_preprocess, ["a", "b", "c", "d", "e"])
     rgb = torch.randint(0, 256, (240, 260, 3), dtype=torch.uint8).numpy()
     lines: list[str] = []
-    result = demo_photo(loaded, rgb, "noise", tmp_path, lines.append, progress=False)
+    # delete_fraction: fewer deletion rounds, to keep the test short
+    result = demo_photo(
+        loaded, rgb, "noise", tmp_path, lines.append, progress=False, delete_fraction=0.5
+    )
     assert (tmp_path / "noise_am.png").is_file() and result["path"].endswith("noise_am.png")
-    assert "smallest mask that keeps the top-1" in lines[0]
+    assert "the smallest mask of areas 10, 15, 20, 30 % that keeps the top-1" in lines[0]
     assert lines[1].strip().startswith("AM (stable, ")
-    assert result["recipe"] == "stable" and 0.0 < result["kept"] <= 0.3 + 1e-6
+    assert result["recipe"] == "stable" and 0.05 < result["kept"] <= 0.3 + 1e-6
     if result["found"]:
         assert f"{100 * result['area']:g}% area keeps" in lines[1]
     else:

@@ -15,10 +15,9 @@ from torch import Tensor, nn
 from fastxai._checks import check_images, check_model
 from fastxai.explanation import Explanation
 from fastxai.matching import ladder
-from fastxai.matching.features import feature_extractor, normalise_layers, run_extractor
+from fastxai.matching.features import run_extractor
 from fastxai.matching.losses import TERMS, LossWeights
-from fastxai.matching.paper import compute_targets, paper_activation_matching
-from fastxai.targets import resolve_targets
+from fastxai.matching.paper import paper_activation_matching, prepare_targets
 
 RECIPES = ("stable", "paper")
 # The stable recipe scores candidate masks by the notebook's fidelity terms (CE 15, KL 5, act 10)
@@ -156,12 +155,9 @@ def stable_activation_matching(
         )
 
     images = x.detach()
-    matched = normalise_layers(model, images, layers)
-    extractor = feature_extractor(model, [layer.name for layer in matched])
-    target_logits, target_features = compute_targets(extractor, images, matched)
-    if callable(targets) or (isinstance(targets, Sequence) and any(callable(t) for t in targets)):
-        raise TypeError("targets: activation_matching needs class indices, not callables")
-    labels = resolve_targets(targets, target_logits).classes
+    matched, extractor, target_logits, target_features, labels = prepare_targets(
+        model, images, layers, targets
+    )
     config = ladder.ScoreConfig(
         layer_weights=tuple(layer.weight for layer in matched),
         distances=tuple(layer.distance for layer in matched),

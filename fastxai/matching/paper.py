@@ -6,7 +6,7 @@ U-Net mask generator per image trained from a seeded random start with a straigh
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +116,29 @@ def compute_targets(
     return logits, features
 
 
+class Targets(NamedTuple):
+    """What every recipe matches: the layers, the traced classifier, ``f(x)``, the layers'
+    activations of ``x`` and the explained classes."""
+
+    matched: list[MatchedLayer]
+    extractor: nn.Module
+    logits: Tensor
+    features: list[Tensor]
+    labels: Tensor
+
+
+def prepare_targets(model: nn.Module, images: Tensor, layers: object, targets: object) -> Targets:
+    """The :class:`Targets` of ``images`` (detached) for ``layers`` and ``targets`` (class
+    indices; callables are refused)."""
+    matched = normalise_layers(model, images, layers)
+    extractor = feature_extractor(model, [layer.name for layer in matched])
+    target_logits, target_features = compute_targets(extractor, images, matched)
+    if callable(targets) or (isinstance(targets, Sequence) and any(callable(t) for t in targets)):
+        raise TypeError("targets: activation_matching needs class indices, not callables")
+    labels = resolve_targets(targets, target_logits).classes
+    return Targets(matched, extractor, target_logits, target_features, labels)
+
+
 def paper_activation_matching(
     model: nn.Module,
     x: Tensor,
@@ -206,12 +229,9 @@ def paper_activation_matching(
         raise ValueError(f"keep must be 'loss' or 'smallest', got {keep!r}")
     loss_weights = per_image_weights(weights, n)
     images = x.detach()
-    matched = normalise_layers(model, images, layers)
-    extractor = feature_extractor(model, [layer.name for layer in matched])
-    target_logits, target_features = compute_targets(extractor, images, matched)
-    if callable(targets) or (isinstance(targets, Sequence) and any(callable(t) for t in targets)):
-        raise TypeError("targets: activation_matching needs class indices, not callables")
-    labels = resolve_targets(targets, target_logits).classes
+    matched, extractor, target_logits, target_features, labels = prepare_targets(
+        model, images, layers, targets
+    )
 
     # restart r of image i is run i * restarts + r
     run_seeds = [s + r * RESTART_SEED_STRIDE for s in seeds for r in range(restarts)]
