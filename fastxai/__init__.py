@@ -7,8 +7,9 @@ pytorch-grad-cam compatible classes live in :mod:`fastxai.compat`.
 
 Sharing Ratio Decomposition: ``fastxai.srd(model, x, targets=None, rule="contrastive")``,
 ``srd_erf``, ``apop`` and ``apop_agreement`` (torchvision ResNets and VGGs). Activation
-fine-tuning: :mod:`fastxai.aft`. ``fastxai.activation_matching(model, x)`` trains a minimal
-binary mask per image (Activation Matching). Many images: ``explain_stream`` (batches, progress
+fine-tuning: :mod:`fastxai.aft`. ``fastxai.activation_matching(model, x)`` finds the smallest
+binary mask per image that keeps the prediction (Activation Matching; ``recipe="paper"`` trains
+the authors' U-Net). Many images: ``explain_stream`` (batches, progress
 bar) and ``explain_dataset`` (resumable shards, torchrun). Atomic, resumable result shards:
 :mod:`fastxai.io`.
 """

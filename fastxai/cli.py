@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help=f"one of {', '.join([*METHODS, SRD_METHOD, AM_METHOD])} (default: %(default)s); "
         "srd needs a torchvision ResNet or VGG, e.g. --model resnet50 --weights FILE; am "
-        "(Activation Matching) trains a mask generator per image: minutes on a CPU",
+        "(Activation Matching) finds the smallest binary mask that keeps the top-1: about a "
+        "minute per image on a CPU (--am-recipe paper: many minutes)",
     )
     explain.add_argument(
         "--out", default="fastxai-out", help="output folder (default: %(default)s)"
