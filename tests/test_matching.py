@@ -781,6 +781,16 @@ def test_stable_recipe_keeps_the_planted_evidence_whatever_the_noise() -> None:
     assert torch.equal(noisy.extras["ladder"]["masks"], masks)
 
 
+def test_stable_recipe_takes_any_input_size() -> None:
+    model, x = PlantedNet().eval(), planted_images(1)[..., :30, :31]
+    ex = activation_matching(model, x, layers=["colour"], areas=(0.05, 0.2), progress=False)
+    assert ex.mask.shape == (1, 30, 31) and ex.extras["found"].all()
+    torch.testing.assert_close(ex.extras["kept_fraction"], ex.mask.float().mean((1, 2)))
+    assert (ex.extras["ladder"]["kept_fraction"] <= torch.tensor([0.05, 0.2]) + 1e-6).all()
+    inside = ex.mask[:, 8:16, 18:26].sum((1, 2)) / ex.mask.sum((1, 2))
+    assert (inside >= 0.9).all()
+
+
 def test_stable_recipe_says_when_no_area_keeps_the_class() -> None:
     model, x = PlantedNet().eval(), planted_images(1)
     x[:, 0, 8:16, 18:26] += 4.0  # a strong square: p(x) ~ 1, half the square is not enough
