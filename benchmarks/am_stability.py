@@ -40,17 +40,21 @@ from fastxai.models import class_name, load_efficientnet_lite0
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
 
 
-def run_path(out: Path, recipe: str, threads: int, seed: int, noise: float) -> Path:
-    suffix = f"_n{noise:g}" if noise else ""
+def run_path(
+    out: Path, recipe: str, threads: int, seed: int, noise: float, background: str = "zero"
+) -> Path:
+    suffix = (f"_n{noise:g}" if noise else "") + (f"_{background}" if background != "zero" else "")
     return out / f"{recipe}_t{threads}_s{seed}{suffix}.pt"
 
 
-def run_once(loaded, x: torch.Tensor, recipe: str, threads: int, seed: int, steps: int | None):
+def run_once(
+    loaded, x: torch.Tensor, recipe: str, threads: int, seed: int, steps: int | None, extra: dict
+):
     torch.set_num_threads(threads)
     load, start, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
     # the stable recipe has no seed: its runs with other "seeds" are plain repeats
     options = {"steps": steps, "seed": seed} if recipe == "paper" else {}
-    ex = activation_matching(loaded.model, x, recipe=recipe, progress=False, **options)
+    ex = activation_matching(loaded.model, x, recipe=recipe, progress=False, **options, **extra)
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     robust = background_robustness(loaded.model, x, ex.mask, ex.extras["top1_x"])
     extras = ex.extras
@@ -122,6 +126,9 @@ def main() -> None:
         help="add this much Gaussian noise (drawn from each run's seed) to the photos: the "
         "stable recipe has no seed, so this is what its 'seeds' vary (seeds >= 1)",
     )
+    parser.add_argument(
+        "--background", default="zero", choices=["zero", "blur"], help="stable recipe only"
+    )
     parser.add_argument("--csv", type=Path)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -131,7 +138,7 @@ def main() -> None:
     if args.input_noise and 0 in args.seeds:
         parser.error("--input-noise: seed 0 is kept for the noise-free run; use seeds >= 1")
     for threads, seed in itertools.product(args.threads, args.seeds):
-        path = run_path(args.out, args.recipe, threads, seed, args.input_noise)
+        path = run_path(args.out, args.recipe, threads, seed, args.input_noise, args.background)
         if path.exists():
             cached = torch.load(path, weights_only=False)
             if cached["photos"] == args.photos and cached["steps"] == args.steps:
@@ -143,7 +150,8 @@ def main() -> None:
         if args.input_noise:
             g = torch.Generator().manual_seed(seed)
             noisy = x + args.input_noise * torch.randn(x.shape, generator=g)
-        run = run_once(loaded, noisy, args.recipe, threads, seed, args.steps)
+        extra = {"background": args.background} if args.recipe == "stable" else {}
+        run = run_once(loaded, noisy, args.recipe, threads, seed, args.steps, extra)
         tmp = path.with_suffix(".tmp")
         torch.save({"photos": args.photos, "steps": args.steps, "run": run}, tmp)
         tmp.replace(path)
@@ -155,7 +163,7 @@ def main() -> None:
         )
     if args.input_noise:  # compare with the noise-free runs where they are cached
         for threads in args.threads:
-            clean = run_path(args.out, args.recipe, threads, 0, 0.0)
+            clean = run_path(args.out, args.recipe, threads, 0, 0.0, args.background)
             if clean.exists():
                 runs[threads, 0] = torch.load(clean, weights_only=False)["run"]
     if not runs:

@@ -781,6 +781,22 @@ def test_stable_recipe_keeps_the_planted_evidence_whatever_the_noise() -> None:
     assert torch.equal(noisy.extras["ladder"]["masks"], masks)
 
 
+def test_stable_recipe_with_a_blurred_background() -> None:
+    from fastxai.matching.robustness import blurred
+
+    model, x = PlantedNet().eval(), planted_images(2)
+    options = dict(layers=["colour", "mix"], areas=(0.03, 0.0625, 0.125, 0.25), progress=False)
+    ex = activation_matching(model, x, background="blur", **options)
+    m = ex.mask[:, None].float()
+    composed = m * x + (1 - m) * blurred(x, 10.0 * PLANTED / 224)
+    torch.testing.assert_close(ex.extras["explanation"], composed)
+    p_e = model(composed).softmax(1)[:, 0]
+    torch.testing.assert_close(ex.extras["prob_e"], p_e, rtol=1e-5, atol=1e-6)
+    # the blurred square still carries evidence, so the mask need not lie in the square
+    assert ex.extras["found"].all() and ex.extras["top1_kept"].all()
+    assert (p_e >= 0.5 * model(x).softmax(1)[:, 0]).all()
+
+
 def test_stable_recipe_takes_any_input_size() -> None:
     model, x = PlantedNet().eval(), planted_images(1)[..., :30, :31]
     ex = activation_matching(model, x, layers=["colour"], areas=(0.05, 0.2), progress=False)
@@ -809,6 +825,7 @@ def test_stable_recipe_rejects_paper_options_and_bad_ladders() -> None:
         (dict(keep_ratio=2.0), ValueError, "keep_ratio"),
         (dict(delete_fraction=-0.1), ValueError, "delete_fraction"),
         (dict(batch_size=0), ValueError, "batch_size"),
+        (dict(background="noise"), ValueError, "background"),
         (dict(weights={"tv": 1.0}), ValueError, "recipe='paper'"),
         (dict(restarts=3), TypeError, "not options of recipe='stable'"),
         (dict(steps=10), TypeError, "steps"),

@@ -18,6 +18,7 @@ from fastxai.matching import ladder
 from fastxai.matching.features import run_extractor
 from fastxai.matching.losses import TERMS, LossWeights
 from fastxai.matching.paper import paper_activation_matching, prepare_targets
+from fastxai.matching.robustness import blurred
 
 RECIPES = ("stable", "paper")
 # The stable recipe scores candidate masks by the notebook's fidelity terms (CE 15, KL 5, act 10)
@@ -27,6 +28,10 @@ STABLE_WEIGHTS = LossWeights(
     act=10 / 15, kl=5 / 15, ce=1.0, area=0.0, bin=0.0, tv=0.0, rob=0.0, nec=0.0
 )
 STABLE_TERMS = ladder.SCORED_TERMS
+# "zero": the paper's e = m * x (the mean colour in normalised space); "blur": the dropped pixels
+# show the image blurred (sigma 10 px at 224), the background of extremal perturbations.
+BACKGROUNDS = ("zero", "blur")
+BLUR_SIGMA_224 = 10.0
 
 
 def activation_matching(
@@ -47,23 +52,24 @@ def activation_matching(
     d_\ell(\varphi_\ell(x), \varphi_\ell(e))` over ``layers`` (default:
     :func:`fastxai.matching.features.default_layers`), :math:`L_{KL} = T^2 KL(\mathrm{softmax}
     (f(x)/T) \| \mathrm{softmax}(f(e)/T))` and :math:`L_{CE} = CE(f(e), y)`, with ``y`` the
-    ``targets`` (default: the top-1 class of ``x``), plus the weighted mask priors.
+    ``targets`` (default: the top-1 class of ``x``); the paper recipe adds the mask priors.
 
-    ``recipe="stable"`` (default; :mod:`fastxai.matching.ladder`): a ladder of masks of fixed
-    areas (``areas``, default 5 / 10 / 15 / 20 / 30 % of the pixels), each parametrised by
-    low-resolution logits (one per ``cell x cell`` block, default 8) shrunk from "keep
-    everything" and hardened on a fixed schedule (``steps``, default 150; Adam ``lr`` 0.1 with
-    cosine decay). No random start: the mask depends on the model and the image, not on a seed.
-    The result is, per image, the smallest area whose binary mask keeps ``y`` as the top-1 class
-    of ``e`` with :math:`p_y(e) \ge` ``keep_ratio`` :math:`\cdot p_y(x)` (default ½). Options:
-    ``areas``, ``cell``, ``keep_ratio``, ``lr``, ``temperature`` (2), ``neighbours`` (4, for the
-    TV prior), ``seed`` (draws the noise backgrounds of the ``rob`` term, used only when its
-    weight is > 0), ``robust_copies`` (1), ``compile`` (True), ``progress`` (True). ``weights``
-    override :data:`STABLE_WEIGHTS`. Extras beside those of the paper recipe: ``area`` (the
-    chosen area, NaN where none kept the class), ``found``, ``undecided_fraction`` (pixels with
-    :math:`|p - ½| < 0.1`) and ``ladder`` (``areas``, and per image and area ``kept_fraction``,
-    ``top1_kept``, ``prob_e``, ``masks``). An image where no area keeps the class gets the
-    largest area's mask, ``found`` False and a warning.
+    ``recipe="stable"`` (default; :mod:`fastxai.matching.ladder`): greedy deletion of image cells
+    (32 then 16 pixels at 224) scored by :math:`\lambda_{act} L_{act} + \lambda_{KL} L_{KL} +
+    \lambda_{CE} L_{CE}` (``weights`` override :data:`STABLE_WEIGHTS`; the other terms must be
+    0), and a ladder of areas (``areas``, default 5 / 10 / 15 / 20 / 30 % of the pixels) read off
+    the deletion sequence. The result is, per image, the smallest area whose mask keeps ``y`` as
+    the top-1 class of ``e`` with :math:`p_y(e) \ge` ``keep_ratio`` :math:`\cdot p_y(x)`
+    (default ½). There is no seed: the mask depends on the model and the image only. Options:
+    ``areas``, ``keep_ratio``, ``temperature`` (2), ``refine_below`` (0.3: the area below which
+    cells are 16 px), ``delete_fraction`` (0.1 of the kept cells per round), ``batch_size``
+    (32 candidates per forward), ``background`` (``"zero"``: the paper's :math:`e = m \odot x`;
+    ``"blur"``: the dropped pixels show the image blurred, sigma 10 px at 224), ``progress``.
+    Extras beside the common ones: ``area`` (the chosen area, NaN where none kept the class),
+    ``found``, ``kept_sequence`` (the kept fraction after each deletion round) and ``ladder``
+    (``areas``, and per image and area ``masks``, ``kept_fraction``, ``keeps_class``,
+    ``top1_kept``, ``prob_e``). An image where no area keeps the class gets the largest area's
+    mask, ``found`` False and a warning.
 
     ``recipe="paper"``: the authors' notebook (per-image U-Net from a seeded random start,
     straight-through threshold at ½, 880 Adam steps at 5e-5); see
@@ -71,10 +77,10 @@ def activation_matching(
     ``width``, ``depth``, ``generator_precision``, ...). Its mask depends on the seed.
 
     Returns an :class:`Explanation` with ``mask`` ``(N, H, W)`` bool, ``maps`` the same as float,
-    and ``extras``: ``explanation`` (e), ``soft_mask`` (p), ``kept_fraction``, ``top1_x``,
-    ``top1_e``, ``top1_kept``, ``prob_x`` and ``prob_e`` (softmax probability of ``y``),
-    ``logits_e``, ``loss_history`` (term -> per-step values, plus ``"total"``), ``layers``,
-    ``weights``, ``recipe``.
+    and ``extras``: ``explanation`` (e), ``soft_mask`` (p; the mask itself for the stable
+    recipe), ``kept_fraction``, ``top1_x``, ``top1_e``, ``top1_kept``, ``prob_x`` and ``prob_e``
+    (softmax probability of ``y``), ``logits_e``, ``loss_history`` (term -> values per training
+    step or deletion round, plus ``"total"``), ``layers``, ``weights``, ``recipe``.
     """
     if recipe not in RECIPES:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
@@ -134,6 +140,7 @@ def stable_activation_matching(
     refine_below: float = ladder.DEFAULT_REFINE_BELOW,
     delete_fraction: float = ladder.DEFAULT_DELETE_FRACTION,
     batch_size: int = ladder.DEFAULT_BATCH_SIZE,
+    background: str = "zero",
     progress: bool = True,
 ) -> Explanation:
     """The stable recipe of :func:`activation_matching` (see there and
@@ -146,6 +153,8 @@ def stable_activation_matching(
     check_ladder_options(areas, keep_ratio, refine_below, delete_fraction, batch_size)
     if not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+    if background not in BACKGROUNDS:
+        raise ValueError(f"background must be one of {BACKGROUNDS}, got {background!r}")
     loss_weights = LossWeights.from_any(weights, STABLE_WEIGHTS)
     unused = [t for t in TERMS if t not in STABLE_TERMS and getattr(loss_weights, t) > 0]
     if unused:
@@ -167,6 +176,8 @@ def stable_activation_matching(
         ce=loss_weights.ce,
     )
     with torch.no_grad():
+        sigma = BLUR_SIGMA_224 * min(images.shape[-2:]) / 224
+        backdrop = blurred(images, sigma) if background == "blur" else None
         result = ladder.greedy_deletion(
             extractor,
             images,
@@ -178,6 +189,7 @@ def stable_activation_matching(
             refine_below=float(refine_below),
             delete_fraction=float(delete_fraction),
             batch_size=batch_size,
+            background=backdrop,
             progress=progress,
         )
         return finish_ladder(
@@ -190,6 +202,7 @@ def stable_activation_matching(
             keep_ratio,
             loss_weights,
             matched,
+            backdrop,
         )
 
 
@@ -203,6 +216,7 @@ def finish_ladder(
     keep_ratio: float,
     loss_weights: LossWeights,
     matched: list,
+    background: Tensor | None = None,
 ) -> Explanation:
     """The rungs' masks, one forward of their explanations, the selection of the smallest rung
     that keeps the class, and the :class:`Explanation`."""
@@ -212,7 +226,11 @@ def finish_ladder(
     sequence = torch.stack(result.masks)  # (S, N, H, W)
     rung_masks = sequence[steps, torch.arange(n, device=device)[:, None]]  # (N, A, H, W)
     flat_masks = rung_masks.flatten(0, 1)
-    explanations = flat_masks[:, None].to(images.dtype) * images.repeat_interleave(rungs, 0)
+    explanations = ladder.compose(
+        flat_masks,
+        images.repeat_interleave(rungs, 0),
+        None if background is None else background.repeat_interleave(rungs, 0),
+    )
     logits_e, _ = run_extractor(extractor, explanations)
     prob_x = F.softmax(target_logits, 1).gather(1, labels[:, None])[:, 0]
     per_rung_labels = labels.repeat_interleave(rungs)[:, None]
@@ -274,6 +292,7 @@ def finish_ladder(
 
 STABLE_OPTIONS = (
     "areas",
+    "background",
     "keep_ratio",
     "temperature",
     "refine_below",

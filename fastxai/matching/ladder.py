@@ -90,6 +90,13 @@ def coarse_groups(grid: Sequence[int], device: torch.device) -> Tensor:
     return (rows[:, None] * math.ceil(grid[1] / 2) + cols[None, :]).flatten()
 
 
+def compose(mask: Tensor, x: Tensor, background: Tensor | None) -> Tensor:
+    r""":math:`m \odot x + (1 - m) \odot b` for masks ``(B, H, W)``; ``b = 0`` (the paper's
+    explanation, the mean colour in normalised space) when ``background`` is None."""
+    m = mask[:, None].to(x.dtype)
+    return m * x if background is None else m * x + (1 - m) * background
+
+
 @torch.no_grad()
 def score_masks(
     extractor: nn.Module,
@@ -101,14 +108,17 @@ def score_masks(
     labels: Tensor,
     config: ScoreConfig,
     batch_size: int,
+    background: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(loss (B,), terms (B, 3))``: the weighted loss and the [act, kl, ce] terms of
-    ``e = masks[b] * x[owner[b]]`` for pixel masks ``masks`` ``(B, H, W)``."""
+    ``e = compose(masks[b], x[owner[b]], background[owner[b]])`` for pixel masks ``masks``
+    ``(B, H, W)``."""
     losses, terms = [], []
     weights = torch.tensor([config.act, config.kl, config.ce], dtype=x.dtype, device=x.device)
     for start in range(0, masks.shape[0], batch_size):
         rows = owner[start : start + batch_size]
-        e = masks[start : start + batch_size, None].to(x.dtype) * x[rows]
+        b = None if background is None else background[rows]
+        e = compose(masks[start : start + batch_size], x[rows], b)
         logits, features = run_extractor(extractor, e)
         act = activation_loss(
             [f[rows] for f in target_features],
@@ -175,6 +185,7 @@ def greedy_deletion(
     refine_below: float = DEFAULT_REFINE_BELOW,
     delete_fraction: float = DEFAULT_DELETE_FRACTION,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    background: Tensor | None = None,
     progress: bool = False,
 ) -> DeletionResult:
     """Delete cells of every image until each keeps at most ``smallest_area`` of its pixels (or
@@ -216,6 +227,7 @@ def greedy_deletion(
             labels,
             config,
             batch_size,
+            background,
         )
         check_finite(loss, trial_terms, owners, len(masks))
         step_terms = x.new_full((n, 3), float("nan"))
