@@ -43,8 +43,8 @@ from fastxai.matching.losses import activation_loss, ce_loss, kl_loss
 
 DEFAULT_AREAS = (0.05, 0.10, 0.15, 0.20, 0.30)
 DEFAULT_KEEP_RATIO = 0.5
-# Cell sides in pixels at 224 (scaled with the image's shorter side).
-COARSE_CELL_224 = 32
+# The fine cell's side in pixels at 224 (scaled with the image's shorter side); a coarse cell
+# is a 2 x 2 block of fine cells.
 FINE_CELL_224 = 16
 DEFAULT_REFINE_BELOW = 0.3
 DEFAULT_DELETE_FRACTION = 0.1
@@ -65,11 +65,9 @@ class ScoreConfig:
     ce: float
 
 
-def cell_sizes(size: Sequence[int]) -> tuple[int, int]:
-    """``(coarse, fine)`` cell sides in pixels for an image of ``size``: 32 and 16 at 224."""
-    scale = min(size) / 224
-    fine = max(1, round(FINE_CELL_224 * scale))
-    return 2 * fine, fine
+def fine_cell(size: Sequence[int]) -> int:
+    """The fine cell's side in pixels for an image of ``size``: 16 at 224, at least 1."""
+    return max(1, round(FINE_CELL_224 * min(size) / 224))
 
 
 def grid_shape(size: Sequence[int], cell: int) -> tuple[int, int]:
@@ -194,7 +192,7 @@ def greedy_deletion(
     from tqdm.auto import tqdm
 
     n, size = x.shape[0], x.shape[-2:]
-    _, fine = cell_sizes(size)
+    fine = fine_cell(size)
     grid = grid_shape(size, fine)
     groups = coarse_groups(grid, x.device)
     keep = torch.ones((n, grid[0] * grid[1]), dtype=torch.bool, device=x.device)
