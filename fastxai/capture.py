@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from fastxai._tracing import ThreadOwnedTracer
 from fastxai.targets import ResolvedTargets, resolve_targets
 
 ReshapeTransform = Callable[[Tensor], Tensor]
@@ -62,7 +63,7 @@ def _structure_signature(model: nn.Module) -> tuple:
     return tuple((name, id(m), m.training) for name, m in model.named_modules())
 
 
-class _LeafTracer(fx.Tracer):
+class _LeafTracer(ThreadOwnedTracer):
     """Traces through every module except the standard leaves and the explained layer."""
 
     def __init__(self, leaf_name: str) -> None:

@@ -20,6 +20,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from fastxai._tracing import ThreadOwnedTracer
 from fastxai.capture import resolve_layer, split_layer_ref
 
 COSINE = "cosine"
@@ -42,7 +43,7 @@ class MatchedLayer:
     distance: str
 
 
-class _LeavesTracer(fx.Tracer):
+class _LeavesTracer(ThreadOwnedTracer):
     def __init__(self, leaves: set[str]) -> None:
         super().__init__()
         self.leaves = leaves
