@@ -1,5 +1,6 @@
-"""Activation Matching (SPEC.md §C): loss terms against the §C.8 reference, identities, batched
-training against one-by-one training, compilation, end to end, and bad input."""
+"""Activation Matching: loss terms against a straightforward reference of the notebook's terms,
+identities, batched training against one-by-one training, compilation, end to end, the stable
+recipe, and bad input."""
 
 from __future__ import annotations
 
@@ -99,7 +100,8 @@ ALPHA = (1.0, 2.0, 2.0, 4.0, 8.0)
 def reference_terms(
     model: nn.Module, params: dict[str, Tensor], x: Tensor, noise: Tensor, neighbours: int
 ) -> Tensor:
-    """SPEC §C.8 verbatim for one image (batch 1): the terms in TERMS order (nec = 0)."""
+    """The notebook's terms written out plainly for one image (batch 1), in TERMS order
+    (nec = 0)."""
     feats: dict[str, Tensor] = {}
     hooks = [
         model.get_submodule(name).register_forward_hook(

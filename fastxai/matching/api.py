@@ -12,12 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fastxai._checks import check_images, check_model
 from fastxai.explanation import Explanation
 from fastxai.matching import ladder
 from fastxai.matching.features import run_extractor
 from fastxai.matching.losses import TERMS, LossWeights
-from fastxai.matching.paper import paper_activation_matching, prepare_targets
+from fastxai.matching.paper import check_batch, paper_activation_matching, prepare_targets
 from fastxai.matching.robustness import blurred
 
 RECIPES = ("stable", "paper")
@@ -145,11 +144,7 @@ def stable_activation_matching(
 ) -> Explanation:
     """The stable recipe of :func:`activation_matching` (see there and
     :mod:`fastxai.matching.ladder`)."""
-    check_model(model)
-    check_images(model, x)
-    n = x.shape[0]
-    if n == 0:
-        raise ValueError("x: expected at least one image, got an empty batch")
+    check_batch(model, x)
     check_ladder_options(areas, keep_ratio, refine_below, delete_fraction, batch_size)
     if not isinstance(temperature, (int, float)) or not temperature > 0:
         raise ValueError(f"temperature must be a number > 0, got {temperature!r}")

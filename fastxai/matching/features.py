@@ -28,7 +28,7 @@ STANDARDISED_MSE = "std_mse"
 DISTANCES = (COSINE, STANDARDISED_MSE)
 
 RESNET_LAYERS = ("relu", "layer1", "layer2", "layer3", "layer4")
-# The notebook's weights and distances for those five layers (SPEC §C.3).
+# The notebook's weights and distances for those five layers (the authors' notebook).
 STAGE_WEIGHTS = (1.0, 2.0, 2.0, 4.0, 8.0)
 STAGE_DISTANCES = (COSINE, COSINE, STANDARDISED_MSE, STANDARDISED_MSE, STANDARDISED_MSE)
 

@@ -1,4 +1,5 @@
-"""The mask generator of SPEC §C.1: a U-Net per image, many images trained in one launch.
+"""The paper recipe's mask generator (the authors' notebook): a U-Net per image, many images
+trained in one launch.
 
 Each image has its own generator. Their weights are stacked along a leading group axis ``G``. On
 an accelerator every convolution runs as one grouped convolution (``groups=G``) over the images

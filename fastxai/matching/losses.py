@@ -1,4 +1,5 @@
-"""The Activation Matching loss terms of SPEC §C.3, each per image (shape ``(N,)``).
+"""The Activation Matching loss terms (the paper's and the authors' notebook's), each per image
+(shape ``(N,)``).
 
 Per-image terms let many images (each with its own generator) train in one step: the summed loss
 gives every generator exactly the gradient it would get alone.
@@ -23,7 +24,7 @@ TERMS = ("act", "kl", "ce", "area", "bin", "tv", "rob", "nec")
 
 @dataclass(frozen=True)
 class LossWeights:
-    """Weights :math:`\\lambda` of :math:`L = \\sum_t \\lambda_t L_t` (SPEC §C.4).
+    """Weights :math:`\\lambda` of :math:`L = \\sum_t \\lambda_t L_t`.
 
     The notebook's ResNet-18 values, except two terms that changed meaning:
 

@@ -116,6 +116,14 @@ def compute_targets(
     return logits, features
 
 
+def check_batch(model: nn.Module, x: Tensor) -> None:
+    """The model and images checks every recipe makes, and a non-empty batch."""
+    check_model(model)
+    check_images(model, x)
+    if x.shape[0] == 0:
+        raise ValueError("x: expected at least one image, got an empty batch")
+
+
 class Targets(NamedTuple):
     """What every recipe matches: the layers, the traced classifier, ``f(x)``, the layers'
     activations of ``x`` and the explained classes."""
@@ -211,10 +219,7 @@ def paper_activation_matching(
     ``loss_history`` (term -> ``(steps, N)``, plus ``"total"``), ``layers``, ``weights`` (as
     given: one :class:`LossWeights`, or a list of them).
     """
-    check_model(model)
-    check_images(model, x)
-    if x.shape[0] == 0:
-        raise ValueError("x: expected at least one image, got an empty batch")
+    check_batch(model, x)
     n = x.shape[0]
     seeds = per_image_seeds(seed, n)
     check_options(x, steps, lr, temperature, neighbours, backgrounds, width, depth, seeds[0])
