@@ -14,6 +14,7 @@ bar) and ``explain_dataset`` (resumable shards, torchrun). Atomic, resumable res
 :mod:`fastxai.io`.
 """
 
+from fastxai import io, metrics, nn
 from fastxai.decomposition import apop, apop_agreement, srd, srd_erf
 from fastxai.explanation import Explanation
 from fastxai.matching import activation_matching
@@ -50,7 +51,10 @@ __all__ = [
     "gradcampp",
     "has_extension",
     "hirescam",
+    "io",
     "layercam",
+    "metrics",
+    "nn",
     "scorecam",
     "srd",
     "srd_erf",

@@ -55,8 +55,39 @@ def check_images(model: nn.Module, x: Tensor, name: str = "x") -> None:
             f"{name} is on {x.device} but the model's parameters are on {device}; "
             f"move one of them (e.g. {name}.to({str(device)!r}))"
         )
+    check_input_fits(model, x, name)
     if not torch.compiler.is_compiling() and x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
+
+
+def _first_leaf_with_weights(model: nn.Module) -> nn.Module | None:
+    for module in model.modules():
+        is_leaf = next(module.children(), None) is None
+        if is_leaf and next(module.parameters(False), None) is not None:
+            return module
+    return None
+
+
+def check_input_fits(model: nn.Module, x: Tensor, name: str = "x") -> None:
+    """``x``'s dtype is the model's (outside autocast), and its channels fit the model's first
+    layer with weights when that is a convolution (the stem of every vision model)."""
+    first = _first_leaf_with_weights(model)
+    if first is None:
+        return
+    weight_dtype = next(first.parameters()).dtype
+    autocasting = torch.is_autocast_enabled(x.device.type)
+    if not autocasting and weight_dtype.is_floating_point and x.dtype != weight_dtype:
+        raise TypeError(
+            f"{name} is {x.dtype} but the model's weights are {weight_dtype}; convert one "
+            f"(e.g. {name}.to({weight_dtype}))"
+        )
+    if isinstance(first, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and x.dim() == 4:
+        expected = first.in_channels
+        if x.shape[1] != expected:
+            raise ValueError(
+                f"{name} has {x.shape[1]} channels but the model's first layer takes "
+                f"{expected}; {name} must be (N, {expected}, H, W)"
+            )
 
 
 def check_maps(x: Tensor, maps: Tensor, name: str = "maps") -> None:

@@ -5,6 +5,10 @@ for the whole process. A model that another thread runs meanwhile (another expla
 same model, a server's forward pass) would then be routed into this tracer and fail with
 "module is not installed as a submodule" or receive proxies. This tracer serves only the thread
 that started the trace; every other thread gets the plain module call and attribute.
+
+It also forgets the traced module when the trace ends: ``fx.Tracer.trace`` leaves the tracer in
+a reference cycle (closures of its patched calls), so a tracer that kept ``root`` kept the
+user's model alive until the cycle collector ran, after the user dropped it.
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ class ThreadOwnedTracer(fx.Tracer):
             return super().trace(root, concrete_args)
         finally:
             self._owner = None
+            self.root = None  # type: ignore[assignment]
+            self.submodule_paths = None
+            self.tensor_attrs = {}
 
     def _foreign(self) -> bool:
         return self._owner is not None and threading.get_ident() != self._owner
@@ -43,3 +50,14 @@ class ThreadOwnedTracer(fx.Tracer):
         if self._foreign():
             return attr_val
         return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+
+def release_graph_module(module: nn.Module) -> None:
+    """Drop a traced module's submodules, parameters and buffers. A ``GraphModule`` and its
+    graph reference each other, so a dropped one waits for the cycle collector, and with it the
+    user's layers and weights it references; released, it holds no tensor of the user's. Only
+    the module's own attributes go: the layers it points at are the user's, left as they are (the
+    containers ``GraphModule`` made for dotted targets are its own and die with it)."""
+    module._modules.clear()
+    module._parameters.clear()
+    module._buffers.clear()

@@ -5,7 +5,9 @@ the rest of the network still needs) and ``suffix`` (layer output -> logits) wit
 the split is cached per (model, layer) and rebuilt when the model's module structure or mode
 changes. Gradients come from ``torch.func.vjp(suffix, a)``: no parameter gradients, no ``.grad``
 written, no hooks, no change to the user's model. Models that :mod:`torch.fx` cannot trace fall
-back to a forward hook that lives inside one call and clones what it keeps.
+back to a forward hook that lives inside one call and clones what it keeps; it serves only the
+thread that registered it (other threads' forwards of the model pass through untouched), and that
+path does not compile with ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from fastxai._tracing import ThreadOwnedTracer
+from fastxai._tracing import ThreadOwnedTracer, release_graph_module
 from fastxai.targets import ResolvedTargets, resolve_targets
 
 ReshapeTransform = Callable[[Tensor], Tensor]
@@ -143,7 +145,7 @@ class LayerSplit:
             if node in downstream or node.op == "output":
                 senv[node] = suffix_graph.node_copy(node, senv.__getitem__)
 
-        root = tracer.root
+        root = model
         self.layer = layer
         self.prefix = fx.GraphModule(root, prefix_graph)
         self._suffix = fx.GraphModule(root, suffix_graph)
@@ -154,6 +156,11 @@ class LayerSplit:
         ReLUs and residual adds would otherwise overwrite the caller's activations."""
         cloned = [c.clone() if isinstance(c, Tensor) else c for c in carry]
         return self._suffix(activation.clone(), *cloned)
+
+    def release(self) -> None:
+        """Let go of the model's layers and weights (the model died or changed)."""
+        release_graph_module(self.prefix)
+        release_graph_module(self._suffix)
 
     def suffix_on_owned(self, activation: Tensor, *carry: Any) -> Tensor:
         """:meth:`suffix` without the defensive clones, for inputs the caller built for this call
@@ -168,6 +175,12 @@ class LayerSplit:
 _SPLIT_CACHE: dict[int, dict[str, tuple[tuple, LayerSplit | None]]] = {}
 _SPLIT_LOCK = threading.Lock()
 _WARNED: set[tuple[int, str]] = set()
+
+
+def _forget_model(model_id: int) -> None:
+    for _, split in _SPLIT_CACHE.pop(model_id, {}).values():
+        if split is not None:
+            split.release()
 
 
 def get_split(model: nn.Module, layer: str) -> LayerSplit | None:
@@ -188,10 +201,12 @@ def get_split(model: nn.Module, layer: str) -> LayerSplit | None:
         per_model = _SPLIT_CACHE.get(id(model))
         if per_model is None:
             per_model = _SPLIT_CACHE[id(model)] = {}
-            weakref.finalize(model, _SPLIT_CACHE.pop, id(model), None)
+            weakref.finalize(model, _forget_model, id(model))
         cached = per_model.get(layer)
         if cached is not None and cached[0] == signature:
             return cached[1]
+        if cached is not None and cached[1] is not None:
+            cached[1].release()
         try:
             split: LayerSplit | None = LayerSplit(model, layer)
         except ValueError as exc:
@@ -221,7 +236,8 @@ def _fallback(model: nn.Module, layer: str, exc: Exception) -> None:
         _WARNED.add(key)
         warnings.warn(
             f"torch.fx could not trace the model ({type(exc).__name__}: {exc}); "
-            "fastxai falls back to a temporary forward hook at the layer",
+            "fastxai falls back to a temporary forward hook at the layer (safe across "
+            "threads; not compilable with torch.compile(fullgraph=True))",
             stacklevel=4,
         )
 
@@ -323,8 +339,11 @@ def _capture_with_hook(
     name, call_index = split_layer_ref(layer)
     module = model.get_submodule(name)
     seen: list[Tensor] = []
+    owner = threading.get_ident()
 
     def keep_output(_module: nn.Module, _inputs: Any, output: Tensor) -> Tensor | None:
+        if threading.get_ident() != owner:  # another thread's forward of the same model
+            return None
         seen.append(output)
         if len(seen) - 1 != call_index:
             return None

@@ -302,10 +302,16 @@ def explain_image(path: Path, loaded: LoadedModel, layer: str, args: argparse.Na
     picture = overlay(display, explanation.maps[0].detach().cpu().numpy())
     written = save_png(picture, Path(args.out) / f"{path.stem}_{args.method}.png")
     if float(explanation.maps.max()) == 0.0:
+        raw = explanation.raw
+        if raw is not None and tuple(raw.shape[-2:]) == (1, 1):
+            why = f"{layer} gives a 1 x 1 map at this input size; try an earlier layer"
+        else:
+            why = (
+                f"its weighted activations at {layer} are all <= 0; try a layer after an "
+                "activation function"
+            )
         print(
-            f"{PROG} explain: warning: {path}: the {args.method} map is zero everywhere "
-            f"(its weighted activations at {layer} are all <= 0); try a layer after an "
-            "activation function",
+            f"{PROG} explain: warning: {path}: the {args.method} map is zero everywhere ({why})",
             file=sys.stderr,
         )
     print(
@@ -468,4 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m fastxai.cli``: run the imported module's main, so that its CliError is the one
+    # the commands raise (this file runs as ``__main__``, a second copy of the module).
+    from fastxai.cli import main as imported_main
+
+    sys.exit(imported_main())

@@ -106,6 +106,11 @@ class BaseCAM:
         aug_smooth: bool = False,
         eigen_smooth: bool = False,
     ) -> np.ndarray:
+        if not isinstance(input_tensor, Tensor):
+            raise TypeError(
+                f"input_tensor must be a torch.Tensor (N, C, H, W), got "
+                f"{type(input_tensor).__name__} (torch.from_numpy converts an array)"
+            )
         if aug_smooth:
             return self.forward_augmentation_smoothing(input_tensor, targets, eigen_smooth)
         return self.forward(input_tensor, targets, eigen_smooth)

@@ -13,6 +13,7 @@ state dict file is given.
 from __future__ import annotations
 
 import difflib
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -146,7 +147,9 @@ def _torchvision_class_names(name: str) -> list[str]:
 
 def load_state_dict_file(path: str | Path) -> Mapping[str, Tensor]:
     """A state dict saved with ``torch.save`` (a ``{"state_dict": ...}`` wrapper is unwrapped)."""
-    loaded: Any = torch.load(path, map_location="cpu", weights_only=True)
+    with warnings.catch_warnings():  # torch's pickle-protocol warning: the error says enough
+        warnings.simplefilter("ignore")
+        loaded: Any = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping):

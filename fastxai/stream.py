@@ -18,11 +18,13 @@ model's memory format is the caller's choice (``model.to(memory_format=torch.cha
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -116,6 +118,12 @@ def _take(
         left -= k
     if len(taken) == 1:  # a DataLoader batch of exactly batch_size: no copy
         return taken[0], parts
+    sizes = {tuple(t[0].shape[1:]) for t in taken}
+    if len(sizes) > 1:
+        raise ValueError(
+            f"data: images of one batch must have one size, got {sorted(sizes)} (items "
+            f"{int(taken[0][2][0])}..{int(taken[-1][2][-1])}); resize them, or use batch_size=1"
+        )
     has_labels = [t[1] is not None for t in taken]
     if any(has_labels) and not all(has_labels):
         raise ValueError("data: some items have labels and others do not")
@@ -241,7 +249,8 @@ def _first_rows(explanation: Explanation, n: int) -> Explanation:
 
 class _Indexed(torch.utils.data.Dataset):
     """``dataset`` restricted to ``indices``: item ``i`` is ``(image, label, indices[i])`` (label
-    ``-1`` when the dataset yields bare images)."""
+    ``-1`` when the dataset yields bare images), or a :class:`FailedItem` when reading it
+    raised."""
 
     def __init__(self, dataset: Any, indices: Tensor) -> None:
         self.dataset = dataset
@@ -250,14 +259,53 @@ class _Indexed(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, int, int]:
+    def __getitem__(self, i: int) -> tuple[Tensor, int, int] | FailedItem:
         index = self.indices[i]
-        item = self.dataset[index]
+        try:
+            item = self.dataset[index]
+        except Exception as exc:  # an unreadable item is data, not a crash
+            return FailedItem(index, describe_item(self.dataset, index), one_line(exc))
         if isinstance(item, (tuple, list)):
             image, label = item[0], (item[1] if len(item) > 1 else -1)
         else:
             image, label = item, -1
         return image, int(label), index
+
+
+class FailedItem(NamedTuple):
+    """An item that could not be read: its index, what it is (a file path when the dataset has
+    ``files``) and why."""
+
+    index: int
+    item: str
+    reason: str
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def describe_item(dataset: Any, index: int) -> str:
+    files = getattr(dataset, "files", None)
+    if isinstance(files, Sequence) and 0 <= index < len(files):
+        return str(files[index])
+    return f"item {index}"
+
+
+def _collate_readable(items: list[Any]) -> tuple[Any, list[FailedItem]]:
+    """``(default-collated readable items or None, failed items)``."""
+    failed = [item for item in items if isinstance(item, FailedItem)]
+    readable = [item for item in items if not isinstance(item, FailedItem)]
+    batch = torch.utils.data.default_collate(readable) if readable else None
+    return batch, failed
+
+
+class ItemError(ValueError):
+    """An item of a dataset job could not be read (raised with ``strict=True``)."""
+
+
+FAILED_NAME = "failed-rank{rank}.json"
 
 
 def explain_dataset(
@@ -279,6 +327,8 @@ def explain_dataset(
     compile: bool = False,
     progress: bool = True,
     meta: Mapping[str, Any] | None = None,
+    strict: bool = False,
+    restart: bool = False,
     **method_options: Any,
 ) -> int:
     """Explain every item of a map-style ``dataset`` and write the results as shards to ``out``.
@@ -288,6 +338,16 @@ def explain_dataset(
     with TFT, ``mask`` and ``tau``; :func:`fastxai.io.read_shards` reads them back in index
     order. A restarted job explains only the items no complete shard holds.
 
+    The job's identity (method, layer, targets, TFT options, autocast, memory format, method
+    options, the dataset (file paths and sizes when it has ``files``, else its type and length),
+    a hash of the model's weights, the fastxai version, and ``meta``) is kept in
+    ``out/meta.json``; resuming with another identity raises a ``ValueError`` naming the
+    difference. ``restart=True`` deletes the folder's earlier results first.
+
+    An item whose reading raises (a corrupt image) is recorded, with what it is and why, in
+    ``out/failed-rank{r}.json``, a warning says how many failed, and the job goes on (a resume
+    tries them again); ``strict=True`` raises :class:`ItemError` naming the first one instead.
+
     Under ``torchrun`` (an initialised process group, or ``WORLD_SIZE > 1`` in the environment,
     in which case a gloo/nccl group is started here) the pending items are split over the ranks
     with ``DistributedSampler(shuffle=False)``; each rank writes its own shards. Ranks must load
@@ -295,22 +355,35 @@ def explain_dataset(
 
     Other arguments are those of :func:`explain_stream`.
     """
-    from fastxai.io import ShardWriter
+    import warnings
+
+    from fastxai.identity import job_identity
+    from fastxai.io import ShardWriter, atomic_write_json, remove_results
 
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         raise TypeError(f"dataset must be a map-style dataset, got {type(dataset).__name__}")
     rank, world = _process_group(model)
-    job = {
-        "method": method,
-        "layer": normalise_layers(model, layer),
-        "targets": targets,
-        "tft": bool(tft),
-        "tft_options": dict(tft_options or {}),
-        "items": len(dataset),
-        "maps_dtype": str(maps_dtype),
+    job = job_identity(
+        model,
+        dataset,
+        method=method,
+        layer=normalise_layers(model, layer),
+        targets=targets,
+        tft=bool(tft),
+        tft_options=dict(tft_options or {}),
+        maps_dtype=str(maps_dtype),
+        autocast=str(autocast),
+        memory_format=str(memory_format),
+        method_options=method_options,
         **dict(meta or {}),
-    }
-    with ShardWriter(out, shard_size=shard_size, rank=rank, meta=job) as writer:
+    )
+    if restart and rank == 0:
+        remove_results(out)
+    if restart and world > 1:
+        dist.barrier()
+    fields = ["maps", "targets", *(["mask", "tau"] if tft else [])]
+    failed: list[FailedItem] = []
+    with ShardWriter(out, shard_size=shard_size, rank=rank, meta=job, fields=fields) as writer:
         pending = writer.pending(range(len(dataset)))
         if world > 1:
             dist.barrier()  # every rank reads the finished items before any rank writes
@@ -321,12 +394,26 @@ def explain_dataset(
                 subset, num_replicas=world, rank=rank, shuffle=False
             )
         loader = torch.utils.data.DataLoader(
-            subset, batch_size=batch_size, sampler=sampler, num_workers=num_workers
+            subset,
+            batch_size=batch_size,
+            sampler=sampler,
+            num_workers=num_workers,
+            collate_fn=_collate_readable,
         )
+
+        def readable() -> Iterator[Any]:
+            for batch, bad in loader:
+                if bad and strict:
+                    first = bad[0]
+                    raise ItemError(f"{first.item}: {first.reason} (strict: the job stops here)")
+                failed.extend(bad)
+                if batch is not None:
+                    yield batch
+
         written = 0
         stream = explain_stream(
             model,
-            loader,
+            readable(),
             layer,
             method=method,
             targets=targets,
@@ -341,12 +428,22 @@ def explain_dataset(
             **method_options,
         )
         for explanation in stream:
-            fields = {"maps": explanation.maps.to(maps_dtype), "targets": explanation.targets}
+            fields_out = {"maps": explanation.maps.to(maps_dtype), "targets": explanation.targets}
             if tft:
-                fields["mask"] = explanation.mask
-                fields["tau"] = explanation.tau.float()
-            writer.write(explanation.extras["index"], **fields)
+                fields_out["mask"] = explanation.mask
+                fields_out["tau"] = explanation.tau.float()
+            writer.write(explanation.extras["index"], **fields_out)
             written += len(explanation)
+    record = Path(out) / FAILED_NAME.format(rank=rank)
+    if failed:
+        atomic_write_json({"failed": [f._asdict() for f in failed]}, record)
+        warnings.warn(
+            f"explain_dataset: {len(failed)} item(s) could not be read and were skipped "
+            f"(first: {failed[0].item}: {failed[0].reason}); listed in {record}",
+            stacklevel=2,
+        )
+    else:
+        record.unlink(missing_ok=True)
     if world > 1:
         dist.barrier()  # every shard is on disk when any rank returns
     return written
@@ -440,6 +537,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--autocast", choices=list(AUTOCAST_DTYPES), help="model passes dtype")
     parser.add_argument("--channels-last", action="store_true", help="channels_last model/input")
     parser.add_argument("--compile", action="store_true", help="torch.compile the explainer")
+    parser.add_argument(
+        "--strict", action="store_true", help="stop at the first unreadable image (default: skip)"
+    )
+    parser.add_argument(
+        "--restart", action="store_true", help="delete --out's earlier results and start afresh"
+    )
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
 
@@ -465,31 +568,40 @@ def run_explain_dataset_command(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from exc
     if args.targets == "labels" and not dataset.labelled:
         raise CliError("--targets labels: IMAGE_DIR has no class sub-folders")
-    try:
-        written = explain_dataset(
-            model,
-            dataset,
-            layer,
-            args.out,
-            method=args.method,
-            targets=args.targets,
-            batch_size=args.batch_size,
-            tft=args.tft,
-            shard_size=args.shard_size,
-            num_workers=args.num_workers,
-            autocast=AUTOCAST_DTYPES.get(args.autocast or ""),
-            memory_format=torch.channels_last if args.channels_last else None,
-            compile=args.compile,
-            progress=args.progress,
-            meta={"model": args.model, "weights": str(args.weights), "seed": args.seed},
-        )
-    except ValueError as exc:
-        raise CliError(str(exc)) from exc
+    with warnings.catch_warnings():  # the summary line below reports unreadable images
+        warnings.filterwarnings("ignore", message="explain_dataset: .* could not be read")
+        try:
+            written = explain_dataset(
+                model,
+                dataset,
+                layer,
+                args.out,
+                method=args.method,
+                targets=args.targets,
+                batch_size=args.batch_size,
+                tft=args.tft,
+                shard_size=args.shard_size,
+                num_workers=args.num_workers,
+                autocast=AUTOCAST_DTYPES.get(args.autocast or ""),
+                memory_format=torch.channels_last if args.channels_last else None,
+                compile=args.compile,
+                progress=args.progress,
+                meta={"model": args.model, "seed": args.seed},
+                strict=args.strict,
+                restart=args.restart,
+            )
+        except (ValueError, OSError) as exc:
+            raise CliError(str(exc).splitlines()[0]) from exc
     rank, world = _process_group(model)
-    print(f"rank {rank}/{world}: {written} images explained -> {args.out}")
+    record = Path(args.out) / FAILED_NAME.format(rank=rank)
+    failed = len(json.loads(record.read_text())["failed"]) if record.exists() else 0
+    print(
+        f"rank {rank}/{world}: {written} images explained -> {args.out}"
+        + (f"; {failed} could not be read (listed in {record})" if failed else "")
+    )
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    return 0
+    return 1 if failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

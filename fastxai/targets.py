@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -68,6 +69,10 @@ def resolve_targets(targets: Targets, logits: Tensor) -> ResolvedTargets:
     device = logits.device
     if targets is None:
         return ResolvedTargets(logits.argmax(1), None)
+    if type(targets).__module__ == "numpy" and hasattr(targets, "dtype"):
+        if targets.dtype.kind not in "iu":  # NumPy arrays and scalars of integers only
+            raise ValueError(f"targets: expected NumPy integers, got dtype {targets.dtype}")
+        targets = torch.as_tensor(targets)
     if isinstance(targets, Tensor):
         if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.dim() > 1:
             raise ValueError(
@@ -87,8 +92,8 @@ def resolve_targets(targets: Targets, logits: Tensor) -> ResolvedTargets:
     callables: list[TargetCallable] = []
     for t in targets:
         index = _as_class_index(t)
-        if index is None and isinstance(t, int) and not isinstance(t, bool):
-            index = int(t)
+        if index is None and isinstance(t, numbers.Integral) and not isinstance(t, bool):
+            index = int(t)  # Python and NumPy integers
         if index is not None:
             if not 0 <= index < num_classes:
                 raise ValueError(

@@ -172,6 +172,9 @@ def tft(
     if logits is None:
         with no_autograd():
             logits = model(x)
+    elif not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != n:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(f"logits: expected model(x) of shape ({n}, num_classes), got {shape}")
     from fastxai.targets import resolve_targets
 
     resolved = resolve_targets(targets, logits)
@@ -194,6 +197,11 @@ def tft(
     # (N * T, C, H, W), then the RPI curve and the first threshold maximising it (-1: none).
     masked = ops.tft_mask(maps, x, ladder, mode=mode, mask=mask)
     ladder_logits = batched_logits(model, masked, batch_size)
+    if ladder_logits.shape[1] != logits.shape[1]:
+        raise ValueError(
+            f"logits: {logits.shape[1]} classes, but the model returns {ladder_logits.shape[1]}; "
+            "pass model(x) or leave logits out"
+        )
     original = torch.softmax(logits.float(), dim=1).gather(1, classes[:, None])[:, 0]
     rpi, selected = ops.rpi_select(ladder_logits, classes, original)
     probs = torch.softmax(ladder_logits, dim=1).gather(1, classes.repeat_interleave(t)[:, None])

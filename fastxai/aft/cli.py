@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -106,6 +107,12 @@ class _Failure(Exception):
         self.exit_code = exit_code
 
 
+def parse_device(device: str) -> torch.device:
+    from fastxai.aft.distributed import parse_device as parse
+
+    return parse(device)
+
+
 def _model(width: int, weights: Path | None, device: torch.device) -> torch.nn.Module:
     from fastxai.aft.models import FashionCNN
 
@@ -114,8 +121,17 @@ def _model(width: int, weights: Path | None, device: torch.device) -> torch.nn.M
         if not weights.is_file():
             raise _Failure(f"--weights: no such file: {weights}", ENVIRONMENT_ERROR)
         try:
-            model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-        except (RuntimeError, KeyError) as exc:
+            with warnings.catch_warnings():  # torch's own pickle-protocol warning
+                warnings.simplefilter("ignore")
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as exc:  # not a torch file, truncated, or an unsafe pickle
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise _Failure(
+                f"--weights: {weights} is not a loadable state dict ({first[:160]})", USAGE_ERROR
+            ) from None
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise _Failure(
                 f"--weights: {weights} does not fit --width {width}: {first}", USAGE_ERROR
@@ -141,7 +157,7 @@ def _pretrain(args: argparse.Namespace) -> None:
 
     torch.manual_seed(args.seed)
     x, y = _data("train", args.train_size)
-    device = torch.device(args.device or "cpu")
+    device = parse_device(args.device or "cpu")
     model = _model(args.width, None, device)
     train_classifier(
         model,
@@ -238,7 +254,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from fastxai.aft.evaluate import accuracy_table, evaluate_methods, format_table3, format_table4
     from fastxai.methods import METHODS
 
-    device = torch.device(args.device or "cpu")
+    device = parse_device(args.device or "cpu")
     original = _model(args.width, args.weights, device)
     tuned = {}
     for pair in args.aft:
@@ -267,8 +283,9 @@ def run(args: argparse.Namespace) -> int:
     except _Failure as exc:
         print(f"fastxai aft {args.aft_command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except ValueError as exc:
-        print(f"fastxai aft {args.aft_command}: error: {exc}", file=sys.stderr)
+    except (ValueError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        print(f"fastxai aft {args.aft_command}: error: {first}", file=sys.stderr)
         return USAGE_ERROR
     return 0
 

@@ -50,13 +50,28 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """``device`` as a :class:`torch.device` this machine has; a ``ValueError`` naming it
+    otherwise."""
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"--device: expected cpu, cuda or cuda:N, got {device!r}") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    count = torch.cuda.device_count() if chosen.type == "cuda" else 0
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= count:
+        raise ValueError(f"--device {device}: this machine has {count} GPU(s)")
+    return chosen
+
+
 def init_from_env(device: str | None = None) -> Context:
     """Join the process group torchrun describes (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` ...).
 
     Backend: nccl for a CUDA device, gloo otherwise. A plain ``python`` run (no ``WORLD_SIZE``
     or ``WORLD_SIZE=1``) starts no group and returns the single-process context.
     """
-    chosen = torch.device(device) if device is not None else _default_device()
+    chosen = parse_device(device) if device is not None else _default_device()
     if chosen.type == "cuda" and chosen.index is None:
         chosen = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from fastxai.aft import distributed
+from fastxai.identity import tensor_digest, weights_digest
 from fastxai.io import ShardWriter, read_meta, read_shards
 from fastxai.methods import METHODS
 
@@ -100,6 +101,9 @@ def generate_masks(
         "num_items": len(images),
         "image_size": list(images.shape[1:]),
         "tft_options": {k: _jsonable(v) for k, v in (tft_options or {}).items()},
+        "images": tensor_digest(images),
+        "labels": None if labels is None else tensor_digest(torch.as_tensor(labels)),
+        "model_weights": weights_digest(model),
     }
     mine = torch.arange(len(images))[ctx.rank :: ctx.world_size]
     with ShardWriter(root, shard_size=shard_size, rank=ctx.rank, meta=meta) as writer:

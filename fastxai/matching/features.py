@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from fastxai._tracing import ThreadOwnedTracer
+from fastxai._tracing import ThreadOwnedTracer, release_graph_module
 from fastxai.capture import resolve_layer, split_layer_ref
 
 COSINE = "cosine"
@@ -82,7 +82,7 @@ def _trace(model: nn.Module, names: Sequence[str]) -> tuple[fx.GraphModule, list
                 f"layers: {name!r} is called {len(calls)} time(s) in the model's forward"
             )
         nodes.append(calls[call_index])
-    return fx.GraphModule(tracer.root, graph), nodes
+    return fx.GraphModule(model, graph), nodes
 
 
 def _build_extractor(model: nn.Module, names: Sequence[str]) -> fx.GraphModule:
@@ -110,15 +110,26 @@ _CACHE = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
+def _release_all(per_model: dict[tuple[str, ...], tuple[tuple, fx.GraphModule]]) -> None:
+    for _, extractor in per_model.values():
+        release_graph_module(extractor)
+    per_model.clear()
+
+
 def feature_extractor(model: nn.Module, names: Sequence[str]) -> fx.GraphModule:
     """The cached graph ``x -> (logits, a_1, ..., a_L)`` of ``model`` at layers ``names``."""
     key = tuple(names)
     signature = _signature(model)
     with _LOCK:
-        per_model = _CACHE.setdefault(model, {})
+        per_model = _CACHE.get(model)
+        if per_model is None:
+            per_model = _CACHE[model] = {}
+            weakref.finalize(model, _release_all, per_model)
         cached = per_model.get(key)
         if cached is not None and cached[0] == signature:
             return cached[1]
+        if cached is not None:
+            release_graph_module(cached[1])
         extractor = _build_extractor(model, names)
         per_model[key] = (signature, extractor)
         return extractor

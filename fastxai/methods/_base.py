@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -127,6 +128,15 @@ def explain_layers(
             raw = first_component_projection(contrib) if eigen_smooth else contrib.sum(1)
         raws.append(raw)
         weights.append(channel_weights)
+    if not torch.compiler.is_compiling():
+        for name, raw in zip(layers, raws, strict=True):
+            if raw.shape[-2:] == (1, 1):
+                warnings.warn(
+                    f"layer {name!r} gives a 1 x 1 map for {x.shape[2]} x {x.shape[3]} inputs, "
+                    "so every map is constant (all zero after normalisation); choose an "
+                    "earlier layer or larger inputs",
+                    stacklevel=3,
+                )
     maps = fuse_layer_maps(raws, (x.shape[2], x.shape[3]), fusion)
     first = captures[0]
     extras: dict[str, Any] = {"method": method, "layers": layers}

@@ -62,7 +62,7 @@ def masked_scores(
             mask = (up - low[index, None, None]) / (
                 high[index, None, None] - low[index, None, None] + SCORECAM_EPS
             )
-            logits = model(x[image] * mask[:, None])
+            logits = model(x[image] * mask[:, None].to(x.dtype))  # a half model takes half
             scores[index] = cap.targets.scores(logits, image).to(scores.dtype)
     return scores.view(n, c), constant.view(n, c)
 

@@ -582,4 +582,33 @@ BAD_INPUTS: list[Bad] = [
         ValueError,
         r"layer 'nope' is not a submodule",
     ),
+    # inputs that used to fail deep inside torch, or silently
+    Bad("x channels", _gc(x=torch.randn(2, 1, 32, 32)), ValueError, r"x has 1 channels"),
+    Bad("x float64 for a float32 model", _gc(x=_X.double()), TypeError, r"x is torch\.float64"),
+    Bad(
+        "compat numpy input",
+        lambda: compat.GradCAM(_M, [_M.features])(np.zeros((1, 3, 32, 32), np.float32)),
+        TypeError,
+        r"input_tensor must be a torch\.Tensor",
+    ),
+    Bad(
+        "stream mixed sizes",
+        lambda: list(explain_stream(_M, [_X[0], _X[0, :, :16, :16]], "features", progress=False)),
+        ValueError,
+        r"data: images of one batch must have one size",
+    ),
+    Bad(
+        "tft logits of another model",
+        _tft(logits=torch.randn(2, 10)),
+        ValueError,
+        r"logits: 10 classes, but the model returns 5",
+    ),
+    Bad("tft logits batch", _tft(logits=torch.randn(3, 5)), ValueError, r"logits: expected model"),
+    Bad(
+        "shard folder is a file",
+        lambda: explain_dataset(_M, _X, "features", __file__, progress=False),
+        NotADirectoryError,
+        r"out: .* is a file, expected a folder",
+    ),
+    Bad("targets numpy float", _gc(targets=np.array([0.5, 1.0])), ValueError, r"targets: expected"),
 ]
