@@ -15,6 +15,7 @@ bar) and ``explain_dataset`` (resumable shards, torchrun). Atomic, resumable res
 """
 
 from fastxai import io, metrics, nn
+from fastxai._version import __version__ as __version__
 from fastxai.decomposition import apop, apop_agreement, srd, srd_erf
 from fastxai.explanation import Explanation
 from fastxai.matching import activation_matching
@@ -33,8 +34,6 @@ from fastxai.methods import (
 from fastxai.ops import has_extension
 from fastxai.stream import explain_dataset, explain_stream
 from fastxai.thresholding import tft
-
-__version__ = "0.1.0"
 
 __all__ = [
     "METHODS",

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from fastxai import ops, thresholding
-from fastxai.decomposition.cli import DEMO_SKIP_MESSAGE, SRD_METHOD
+from fastxai.decomposition.present import DEMO_SKIP_MESSAGE, SRD_METHOD
 from fastxai.explanation import Explanation
 from fastxai.methods import METHODS
 from fastxai.models import (

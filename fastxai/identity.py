@@ -16,7 +16,7 @@ from torch import Tensor, nn
 def job_identity(model: nn.Module, dataset: Any, /, **settings: Any) -> dict[str, Any]:
     """What decides a dataset job's results, as JSON: ``settings``, the dataset, a hash of
     the model's weights and the fastxai version."""
-    from fastxai import __version__
+    from fastxai._version import __version__
 
     identity = json.loads(json.dumps(settings, sort_keys=True, default=repr))
     identity["dataset"] = dataset_identity(dataset)

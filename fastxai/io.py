@@ -151,10 +151,9 @@ class ShardWriter:
         self.shard_size = int(shard_size)
         self.rank = int(rank)
         self.fields = None if fields is None else list(fields)
-        if not self.root.is_dir():
-            if self.root.exists():
-                raise NotADirectoryError(f"out: {self.root} is a file, expected a folder")
-            self.root.mkdir(parents=True)
+        if self.root.exists() and not self.root.is_dir():
+            raise NotADirectoryError(f"out: {self.root} is a file, expected a folder")
+        self.root.mkdir(parents=True, exist_ok=True)  # ranks may create it at the same time
         self._check_meta(meta)
         self._clean_up()
         own = [number for r, number, _ in _shard_files(self.root) if r == self.rank]

@@ -6,8 +6,8 @@
 * :func:`explain_dataset` explains a map-style dataset and writes the results through
   :class:`fastxai.io.ShardWriter`: atomic, resumable after a kill, and, under ``torchrun``, split
   over the ranks with a ``DistributedSampler`` (each rank writes its own shards).
-* :func:`add_parser` / :func:`run_explain_dataset_command`: the ``fastxai explain-dataset``
-  command (a folder of images -> shards).
+* :class:`ImageFiles`: a folder of images as a dataset (the ``fastxai explain-dataset`` command,
+  :mod:`fastxai.cli.dataset`, explains one).
 
 Mixed precision: ``autocast=torch.bfloat16`` (CPU) or ``torch.float16`` / ``torch.bfloat16``
 (CUDA) runs the model passes under :func:`torch.autocast`; the maps are computed in float32. The
@@ -17,10 +17,7 @@ model's memory format is the caller's choice (``model.to(memory_format=torch.cha
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -355,14 +352,13 @@ def explain_dataset(
 
     Other arguments are those of :func:`explain_stream`.
     """
-    import warnings
 
     from fastxai.identity import job_identity
     from fastxai.io import ShardWriter, atomic_write_json, remove_results
 
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         raise TypeError(f"dataset must be a map-style dataset, got {type(dataset).__name__}")
-    rank, world = _process_group(model)
+    rank, world = process_group(model)
     job = job_identity(
         model,
         dataset,
@@ -449,24 +445,14 @@ def explain_dataset(
     return written
 
 
-def _process_group(model: nn.Module) -> tuple[int, int]:
-    """``(rank, world_size)``; joins torchrun's process group when the environment has one."""
-    if (
-        dist.is_available()
-        and not dist.is_initialized()
-        and int(os.environ.get("WORLD_SIZE", 1)) > 1
-    ):
-        device = model_device(model)
-        on_cuda = device is not None and device.type == "cuda"
-        dist.init_process_group(backend="nccl" if on_cuda else "gloo")
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+def process_group(model: nn.Module) -> tuple[int, int]:
+    """``(rank, world_size)``; joins torchrun's process group (on the model's device) when the
+    environment describes one (:func:`fastxai.distributed.init_from_env`)."""
+    from fastxai.distributed import init_from_env
 
+    context = init_from_env(str(model_device(model) or "cpu"))
+    return context.rank, context.world_size
 
-# --------------------------------------------------------------------------------------------
-# fastxai explain-dataset
-# --------------------------------------------------------------------------------------------
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -504,123 +490,3 @@ class ImageFiles(torch.utils.data.Dataset):
             image = self.preprocess(picture.convert("RGB"))[0]
         label = self.classes.index(path.parent.name) if self.labelled else -1
         return image, label
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add the ``explain-dataset`` command to ``fastxai``'s sub-command parsers."""
-    from fastxai.models import EFFICIENTNET_LITE0
-
-    parser = subparsers.add_parser(
-        "explain-dataset",
-        help="explain a folder of images into resumable shards (runs under torchrun)",
-        description="Explain every image under IMAGE_DIR and write shards of maps (and TFT "
-        "masks) to --out through fastxai.io; a killed job resumes where it stopped. Under "
-        "torchrun --nproc_per_node=K each rank explains its share and writes its own shards.",
-    )
-    parser.add_argument("image_dir", metavar="IMAGE_DIR")
-    parser.add_argument("--out", required=True, help="output folder of the shards")
-    parser.add_argument("--method", choices=list(METHODS), default="gradcam", metavar="NAME")
-    parser.add_argument("--model", default=EFFICIENTNET_LITE0)
-    parser.add_argument("--weights", type=Path, metavar="STATE_DICT.pt")
-    parser.add_argument("--seed", type=int, default=0, help="seed of random weights (every rank)")
-    parser.add_argument("--layer", metavar="DOTTED.NAME")
-    parser.add_argument(
-        "--targets",
-        choices=["top1", "labels"],
-        default="top1",
-        help="top-1 class, or the class sub-folder of each image (default: %(default)s)",
-    )
-    parser.add_argument("--tft", action="store_true", help="threshold fine-tune every map")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--shard-size", type=int, default=1024)
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--autocast", choices=list(AUTOCAST_DTYPES), help="model passes dtype")
-    parser.add_argument("--channels-last", action="store_true", help="channels_last model/input")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the explainer")
-    parser.add_argument(
-        "--strict", action="store_true", help="stop at the first unreadable image (default: skip)"
-    )
-    parser.add_argument(
-        "--restart", action="store_true", help="delete --out's earlier results and start afresh"
-    )
-    parser.add_argument("--no-progress", dest="progress", action="store_false")
-    return parser
-
-
-def run_explain_dataset_command(args: argparse.Namespace) -> int:
-    """``fastxai explain-dataset``: print one summary line per rank; 0 on success."""
-    from fastxai.cli import CliError, _choose_layer, _load_model_for_cli
-
-    for option in ("batch_size", "shard_size"):
-        if getattr(args, option) < 1:
-            raise CliError(f"--{option.replace('_', '-')}: must be >= 1")
-    if args.num_workers < 0:
-        raise CliError("--num-workers: must be >= 0")
-    torch.manual_seed(args.seed)  # random weights: the same model on every rank
-    loaded = _load_model_for_cli(args.model, args.weights)
-    model = loaded.model
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)  # our own copy: the CLI loaded it
-    layer = _choose_layer(args.model, model, args.layer)
-    try:
-        dataset = ImageFiles(args.image_dir, loaded.preprocess)
-    except ValueError as exc:
-        raise CliError(str(exc)) from exc
-    if args.targets == "labels" and not dataset.labelled:
-        raise CliError("--targets labels: IMAGE_DIR has no class sub-folders")
-    with warnings.catch_warnings():  # the summary line below reports unreadable images
-        warnings.filterwarnings("ignore", message="explain_dataset: .* could not be read")
-        try:
-            written = explain_dataset(
-                model,
-                dataset,
-                layer,
-                args.out,
-                method=args.method,
-                targets=args.targets,
-                batch_size=args.batch_size,
-                tft=args.tft,
-                shard_size=args.shard_size,
-                num_workers=args.num_workers,
-                autocast=AUTOCAST_DTYPES.get(args.autocast or ""),
-                memory_format=torch.channels_last if args.channels_last else None,
-                compile=args.compile,
-                progress=args.progress,
-                meta={"model": args.model, "seed": args.seed},
-                strict=args.strict,
-                restart=args.restart,
-            )
-        except (ValueError, OSError) as exc:
-            raise CliError(str(exc).splitlines()[0]) from exc
-    rank, world = _process_group(model)
-    record = Path(args.out) / FAILED_NAME.format(rank=rank)
-    failed = len(json.loads(record.read_text())["failed"]) if record.exists() else 0
-    print(
-        f"rank {rank}/{world}: {written} images explained -> {args.out}"
-        + (f"; {failed} could not be read (listed in {record})" if failed else "")
-    )
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-    return 1 if failed else 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fastxai.stream explain-dataset ...``: the command without the fastxai CLI
-    (``torchrun -m fastxai.stream explain-dataset ...`` before the lead wires it into it)."""
-    from fastxai.cli import PROG, CliError, OneLineParser
-
-    parser = OneLineParser(prog=PROG)
-    add_parser(parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser))
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else 2
-    try:
-        return run_explain_dataset_command(args)
-    except CliError as exc:
-        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from fastxai.aft import AFTConfig, AFTTrainer, FashionCNN, distributed, generate_masks, load_targets
+from fastxai import distributed
+from fastxai.aft import AFTConfig, AFTTrainer, FashionCNN, generate_masks, load_targets
 from fastxai.io import atomic_save
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

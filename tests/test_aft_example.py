@@ -10,8 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastxai.aft.cli import main
 from fastxai.aft.data import FASHION_MNIST_ENV, INSTALL_COMMAND, fashion_mnist_missing
+from fastxai.cli import main as fastxai_main
+
+
+def main(argv: list[str]) -> int:
+    return fastxai_main(["aft", *argv])
+
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "aft_fashion_mnist.py"
 needs_data = pytest.mark.skipif(

@@ -351,7 +351,7 @@ def test_two_gloo_processes_give_the_single_process_output(tmp_path):
 def test_explain_dataset_command_on_an_image_folder(tmp_path, capsys):
     from PIL import Image
 
-    from fastxai.stream import main
+    from fastxai.cli import main
 
     rng = np.random.default_rng(0)
     for label in ("cat", "dog"):

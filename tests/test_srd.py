@@ -353,7 +353,7 @@ def test_every_vgg_depth_conserves_through_the_pure_head(cfg, batch_norm):
 
 
 def test_cli_helpers(tv_model, images):
-    from fastxai.decomposition.cli import (
+    from fastxai.decomposition.present import (
         DEMO_SKIP_MESSAGE,
         explain_with_srd,
         unsupported_model_message,

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from fastxai.aft import distributed
+from fastxai import distributed
 from fastxai.identity import tensor_digest, weights_digest
 from fastxai.io import ShardWriter, read_meta, read_shards
 from fastxai.methods import METHODS

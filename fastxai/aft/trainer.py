@@ -29,7 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from fastxai.aft import distributed
+from fastxai import distributed
 from fastxai.aft.tuner import Tuner, tuner_loss
 from fastxai.io import atomic_save
 

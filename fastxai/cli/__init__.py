@@ -12,40 +12,30 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
-from fastxai.decomposition.cli import SRD_METHOD
+from fastxai.cli.common import (
+    ENVIRONMENT_ERROR,
+    PROG,
+    USAGE_ERROR,
+    CliError,
+    OneLineParser,
+    choose_layer,
+    load_model_for_cli,
+)
+from fastxai.decomposition.present import SRD_METHOD
 from fastxai.methods import METHODS
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
-    from torch import nn
 
     from fastxai.explanation import Explanation
     from fastxai.models import LoadedModel
 
-PROG = "fastxai"
 AM_METHOD = "am"
-USAGE_ERROR = 2
-ENVIRONMENT_ERROR = 1
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCHMARK_SCRIPT = REPO_ROOT / "benchmarks" / "cam_methods.py"
-
-
-class CliError(Exception):
-    """A user-facing failure: printed as one line, exits with ``exit_code``."""
-
-    def __init__(self, message: str, exit_code: int = USAGE_ERROR) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are a single ``prog: error: ...`` line (exit status 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "bench", help="run benchmarks/cam_methods.py; every later argument is passed on to it"
     )
-    from fastxai.aft.cli import add_parser as add_aft_parser
-    from fastxai.stream import add_parser as add_explain_dataset_parser
+    from fastxai.cli.aft import add_parser as add_aft_parser
+    from fastxai.cli.dataset import add_parser as add_explain_dataset_parser
 
     add_explain_dataset_parser(commands)
 
@@ -198,46 +188,6 @@ def run_demo_command(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise CliError(str(exc), ENVIRONMENT_ERROR) from exc
     return 0
-
-
-def _check_model_arguments(name: str, weights: Path | None) -> None:
-    from fastxai.models import EFFICIENTNET_LITE0, unknown_model_message
-
-    if name != EFFICIENTNET_LITE0 and (message := unknown_model_message(name)):
-        raise CliError(f"--model: {message}")
-    if weights is not None and name == EFFICIENTNET_LITE0:
-        raise CliError(f"--weights: {EFFICIENTNET_LITE0} loads its packaged weights")
-    if weights is not None and not weights.is_file():
-        raise CliError(f"--weights: no such file: {weights}")
-
-
-def _load_model_for_cli(name: str, weights: Path | None) -> LoadedModel:
-    from fastxai.models import load_model
-
-    _check_model_arguments(name, weights)
-    try:
-        return load_model(name, weights)
-    except ImportError as exc:
-        raise CliError(str(exc), ENVIRONMENT_ERROR) from exc
-    except Exception as exc:
-        if weights is None:
-            raise
-        # An unreadable state dict or one that does not fit the model: torch's message is long.
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        raise CliError(f"--weights: cannot load {weights} into {name}: {lines[0]}") from exc
-
-
-def _choose_layer(name: str, model: nn.Module, layer: str | None) -> str:
-    from fastxai.capture import resolve_layer
-    from fastxai.models import default_layer
-
-    chosen = layer or default_layer(name, model)
-    if chosen is None:
-        raise CliError(f"--layer: no default layer for {name}; pass --layer DOTTED.NAME")
-    try:
-        return resolve_layer(model, chosen)
-    except ValueError as exc:
-        raise CliError(f"--layer: {exc}") from exc
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -290,7 +240,7 @@ def explain_image(path: Path, loaded: LoadedModel, layer: str, args: argparse.Na
         explain_am(path, loaded, x, image, target, args)
         return
     if args.method == SRD_METHOD:
-        from fastxai.decomposition.cli import explain_with_srd as method
+        from fastxai.decomposition.present import explain_with_srd as method
     else:
         method = METHODS[args.method]
     try:
@@ -408,13 +358,13 @@ def explain_tft(
 def run_explain_command(args: argparse.Namespace) -> int:
     image_paths = [Path(p) for p in args.images]
     _check_image_paths(image_paths)  # before the model loads
-    loaded = _load_model_for_cli(args.model, args.weights)
+    loaded = load_model_for_cli(args.model, args.weights)
     if args.method == SRD_METHOD:
-        from fastxai.decomposition.cli import unsupported_model_message
+        from fastxai.decomposition.present import unsupported_model_message
 
         if message := unsupported_model_message(loaded.model, args.model):
             raise CliError(message)
-    layer = _choose_layer(args.model, loaded.model, args.layer)
+    layer = choose_layer(args.model, loaded.model, args.layer)
     for path in image_paths:
         explain_image(path, loaded, layer, args)
     return 0
@@ -435,13 +385,13 @@ def run_bench_command(args: argparse.Namespace) -> int:
 
 
 def run_explain_dataset_command(args: argparse.Namespace) -> int:
-    from fastxai.stream import run_explain_dataset_command as run
+    from fastxai.cli.dataset import run_explain_dataset_command as run
 
     return run(args)
 
 
 def run_aft_command(args: argparse.Namespace) -> int:
-    from fastxai.aft.cli import run
+    from fastxai.cli.aft import run
 
     return run(args)
 
@@ -471,11 +421,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
-
-
-if __name__ == "__main__":
-    # ``python -m fastxai.cli``: run the imported module's main, so that its CliError is the one
-    # the commands raise (this file runs as ``__main__``, a second copy of the module).
-    from fastxai.cli import main as imported_main
-
-    sys.exit(imported_main())

@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-USAGE_ERROR = 2
-ENVIRONMENT_ERROR = 1
+from fastxai import distributed
+from fastxai.cli.common import ENVIRONMENT_ERROR, USAGE_ERROR
+
 SUBCOMMANDS = ("pretrain", "prepare", "train", "evaluate")
 
 
@@ -107,12 +107,6 @@ class _Failure(Exception):
         self.exit_code = exit_code
 
 
-def parse_device(device: str) -> torch.device:
-    from fastxai.aft.distributed import parse_device as parse
-
-    return parse(device)
-
-
 def _model(width: int, weights: Path | None, device: torch.device) -> torch.nn.Module:
     from fastxai.aft.models import FashionCNN
 
@@ -157,7 +151,7 @@ def _pretrain(args: argparse.Namespace) -> None:
 
     torch.manual_seed(args.seed)
     x, y = _data("train", args.train_size)
-    device = parse_device(args.device or "cpu")
+    device = distributed.parse_device(args.device or "cpu")
     model = _model(args.width, None, device)
     train_classifier(
         model,
@@ -174,7 +168,6 @@ def _pretrain(args: argparse.Namespace) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    from fastxai.aft import distributed
     from fastxai.aft.masks import generate_masks
 
     ctx = distributed.init_from_env(args.device)
@@ -204,7 +197,6 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from fastxai.aft import distributed
     from fastxai.aft.masks import load_targets
     from fastxai.aft.trainer import AFTConfig, AFTTrainer
     from fastxai.io import atomic_save, read_meta
@@ -254,7 +246,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from fastxai.aft.evaluate import accuracy_table, evaluate_methods, format_table3, format_table4
     from fastxai.methods import METHODS
 
-    device = parse_device(args.device or "cpu")
+    device = distributed.parse_device(args.device or "cpu")
     original = _model(args.width, args.weights, device)
     tuned = {}
     for pair in args.aft:
@@ -288,18 +280,3 @@ def run(args: argparse.Namespace) -> int:
         print(f"fastxai aft {args.aft_command}: error: {first}", file=sys.stderr)
         return USAGE_ERROR
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m fastxai.aft.cli SUBCOMMAND ...``, the same as ``fastxai aft SUBCOMMAND ...``."""
-    parser = argparse.ArgumentParser(prog="fastxai")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    try:
-        args = parser.parse_args(["aft", *(sys.argv[1:] if argv is None else argv)])
-    except SystemExit as exc:
-        return exc.code if isinstance(exc.code, int) else USAGE_ERROR
-    return run(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
