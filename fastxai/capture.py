@@ -168,8 +168,9 @@ class LayerSplit:
         return self._suffix(activation, *carry)
 
 
-# Keyed by id(model), each entry removed by a weakref.finalize when its model dies (before the id
-# can be reused). A plain dict with an int key is what torch.compile guards cheaply and stably: a
+# Keyed by id(model); when a model dies a weakref.finalize releases its splits and queues the
+# entry, which the next eager get_split removes before any lookup (so before the id is reused by
+# a lookup). A plain dict with an int key is what torch.compile guards cheaply and stably: a
 # WeakKeyDictionary makes Dynamo guard on the position of the model among its keys, which
 # changes whenever another model is collected.
 _SPLIT_CACHE: dict[int, dict[str, tuple[tuple, LayerSplit | None]]] = {}
@@ -177,10 +178,22 @@ _SPLIT_LOCK = threading.Lock()
 _WARNED: set[tuple[int, str]] = set()
 
 
+_DEAD: list[int] = []  # ids of dead models whose entries the next eager get_split drops
+
+
 def _forget_model(model_id: int) -> None:
-    for _, split in _SPLIT_CACHE.pop(model_id, {}).values():
+    """Finalizer of a model: release its splits now (their layers and weights are freed), and
+    queue its entry for removal. The cache itself is not touched here: a finalizer can run in the
+    middle of a torch.compile trace that is reading the dict ("dictionary changed size")."""
+    for _, split in list(_SPLIT_CACHE.get(model_id, {}).values()):
         if split is not None:
             split.release()
+    _DEAD.append(model_id)
+
+
+def _drop_dead_models() -> None:
+    while _DEAD:
+        _SPLIT_CACHE.pop(_DEAD.pop(), None)
 
 
 def get_split(model: nn.Module, layer: str) -> LayerSplit | None:
@@ -198,6 +211,7 @@ def get_split(model: nn.Module, layer: str) -> LayerSplit | None:
         return cached[1]
     signature = _structure_signature(model)
     with _SPLIT_LOCK:
+        _drop_dead_models()  # before the lookup: a new model may have a dead one's id
         per_model = _SPLIT_CACHE.get(id(model))
         if per_model is None:
             per_model = _SPLIT_CACHE[id(model)] = {}

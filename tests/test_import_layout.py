@@ -44,24 +44,11 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     return {m for m in found if m in known and m != name}
 
 
-# The fused-op registry (fastxai.ops) still has cycles between its front doors and its Triton
-# kernels; they go with its single-dispatcher rework. Edges inside it are left out; edges into
-# and out of it count.
-INTERNAL_ONLY = "fastxai.ops"
-
-
-def _inside(name: str) -> bool:
-    return name == INTERNAL_ONLY or name.startswith(INTERNAL_ONLY + ".")
-
-
 def test_no_import_cycles():
     known = modules()
     names = set(known) | extensions()
     graph = {name: imports_of(name, path, names) for name, path in known.items()}
-    graph = {
-        name: {m for m in deps if m in known and not (_inside(name) and _inside(m))}
-        for name, deps in graph.items()
-    }
+    graph = {name: {m for m in deps if m in known} for name, deps in graph.items()}
     # A package's __init__ importing its own submodules is how packages expose them; a
     # submodule importing its parent package back closes a cycle, so both kinds of edge count.
     state: dict[str, int] = {}

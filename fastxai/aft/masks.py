@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from fastxai import distributed
 from fastxai.identity import tensor_digest, weights_digest
-from fastxai.io import ShardWriter, read_meta, read_shards
+from fastxai.io import ShardWriter, read_meta, read_shards, remove_results
 from fastxai.methods import METHODS
 
 Pool = Literal["avg", "nearest"]
@@ -63,6 +63,7 @@ def generate_masks(
     tft_options: dict[str, Any] | None = None,
     context: distributed.Context | None = None,
     progress: bool = True,
+    restart: bool = False,
 ) -> MaskJob:
     """Write the AFT targets of ``images`` under ``root`` (resumable; see the module doc).
 
@@ -80,6 +81,8 @@ def generate_masks(
         pool: how the input-resolution mask becomes the layer-resolution target.
         tft_options: keyword arguments for :func:`fastxai.tft` (ladder, mode, mask kind).
         context: the distributed context (default: the initialised process group, if any).
+        restart: delete ``root``'s earlier masks first; without it, a resume whose images,
+            labels, model weights or options differ from the folder's ``meta.json`` is refused.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
@@ -106,6 +109,10 @@ def generate_masks(
         "model_weights": weights_digest(model),
     }
     mine = torch.arange(len(images))[ctx.rank :: ctx.world_size]
+    if restart:
+        if ctx.is_main:
+            remove_results(root)
+        ctx.barrier()
     with ShardWriter(root, shard_size=shard_size, rank=ctx.rank, meta=meta) as writer:
         todo = writer.pending(mine)
         batches = todo.split(batch_size) if len(todo) else ()  # split() of nothing gives one

@@ -60,6 +60,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     prepare.add_argument("--batch-size", type=int, default=256)
     prepare.add_argument("--shard-size", type=int, default=4096)
     prepare.add_argument("--train-size", type=int, default=60000, help="first N images")
+    prepare.add_argument(
+        "--restart", action="store_true", help="delete MASK_DIR's earlier masks and start afresh"
+    )
     _common(prepare)
 
     train = commands.add_parser("train", help="AFT (Eq. 8); checkpoints each epoch, resumes")
@@ -187,6 +190,7 @@ def _prepare(args: argparse.Namespace) -> None:
             pool=args.pool,
             context=ctx,
             progress=not args.quiet,
+            restart=args.restart,
         )
         print(
             f"rank {ctx.rank}: {job.computed} masks computed, {job.skipped} already done "

@@ -14,7 +14,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fastxai.ops import has_extension, reference
+from fastxai.ops import reference
+from fastxai.ops._extension import has_extension
 
 KernelBackend = Literal["auto", "cpp", "triton", "torch"]
 

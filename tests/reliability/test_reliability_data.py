@@ -117,6 +117,22 @@ def test_a_resume_with_another_configuration_is_refused(tmp_path, change, named)
     assert run_job(model, data, out, restart=True, **options) == len(data)  # starts afresh
 
 
+def test_aft_masks_of_another_model_are_refused(tmp_path):
+    from fastxai.aft import FashionCNN, generate_masks
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 1, 28, 28)
+    options = dict(layer="layer3", batch_size=3, shard_size=3, progress=False)
+    first = generate_masks(FashionCNN(width=4).eval(), x, tmp_path / "m", **options)
+    assert first.computed == 6
+    other = FashionCNN(width=4).eval()  # other random weights
+    with pytest.raises(ValueError, match="its model_weights was"):
+        generate_masks(other, x, tmp_path / "m", **options)
+    with pytest.raises(ValueError, match="its images was"):
+        generate_masks(FashionCNN(width=4).eval(), x + 1, tmp_path / "m", **options)
+    assert generate_masks(other, x, tmp_path / "m", restart=True, **options).computed == 6
+
+
 def test_shards_without_meta_are_refused(tmp_path):
     model, out, x = small_net(1).eval(), tmp_path / "out", images(6, SIZE)
     run_job(model, x, out)

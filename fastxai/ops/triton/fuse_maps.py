@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastxai.ops._fuse_maps import check_fuse_maps_inputs, fuse_maps_fake
+from fastxai.ops._fuse_maps_checks import check_fuse_maps_inputs, fuse_maps_fake
 from fastxai.ops.triton.tft_ladder import MINMAX_EPS, _block, _divide, _upsampled
 
 _RANGE_FIELDS = 5  # low_lo, low_den, up_lo, up_den, peak

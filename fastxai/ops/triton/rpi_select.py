@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastxai.ops._tft_ops import check_select_inputs
+from fastxai.ops._tft_checks import check_select_inputs
 
 # Logits per load. The interpreter (CPU tensors) pays per step, so it gets large blocks.
 _GPU_BLOCK = 1024

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastxai.ops._tft_ops import (
+from fastxai.ops._tft_checks import (
     check_ladder_inputs,
     check_ladder_out,
     tft_ladder_fake,
