@@ -183,7 +183,7 @@ def rpi_select(logits: Tensor, classes: Tensor, original: Tensor) -> tuple[Tenso
     :math:`p_{n,t} = \mathrm{softmax}(\ell_{n,t})_{c_n}` and the original probability
     :math:`p^0_n`: :math:`\mathrm{RPI}_{n,t} = \max(p_{n,t} - p^0_n, 0) / p^0_n` ``(N, T)``, and
     the first :math:`\arg\max_t` per image ``(N,)`` int64, or -1 when that maximum is not
-    positive (no threshold raised the probability: no muting, SPEC A.2).
+    positive (no threshold raised the probability: no muting, Alg. 1 of the TFT paper).
     """
     n = classes.shape[0]
     t = logits.shape[0] // n if n else 0
