@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from fastxai import distributed
-from fastxai.cli.common import ENVIRONMENT_ERROR, USAGE_ERROR
+from fastxai.cli.common import ENVIRONMENT_ERROR, USAGE_ERROR, first_line
 
 SUBCOMMANDS = ("pretrain", "prepare", "train", "evaluate")
 
@@ -122,14 +122,14 @@ def _model(width: int, weights: Path | None, device: torch.device) -> torch.nn.M
                 warnings.simplefilter("ignore")
                 state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as exc:  # not a torch file, truncated, or an unsafe pickle
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise _Failure(
                 f"--weights: {weights} is not a loadable state dict ({first[:160]})", USAGE_ERROR
             ) from None
         try:
             model.load_state_dict(state)
         except (RuntimeError, KeyError, TypeError, AttributeError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            first = first_line(exc)
             raise _Failure(
                 f"--weights: {weights} does not fit --width {width}: {first}", USAGE_ERROR
             ) from exc
@@ -280,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fastxai aft {args.aft_command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except (ValueError, OSError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        first = first_line(exc)
         print(f"fastxai aft {args.aft_command}: error: {first}", file=sys.stderr)
         return USAGE_ERROR
     return 0

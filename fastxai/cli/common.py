@@ -55,8 +55,7 @@ def load_model_for_cli(name: str, weights: Path | None) -> LoadedModel:
         if weights is None:
             raise
         # An unreadable state dict or one that does not fit the model: torch's message is long.
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        raise CliError(f"--weights: cannot load {weights} into {name}: {lines[0]}") from exc
+        raise CliError(f"--weights: cannot load {weights} into {name}: {first_line(exc)}") from exc
 
 
 def choose_layer(name: str, model: nn.Module, layer: str | None) -> str:
@@ -70,3 +69,9 @@ def choose_layer(name: str, model: nn.Module, layer: str | None) -> str:
         return resolve_layer(model, chosen)
     except ValueError as exc:
         raise CliError(f"--layer: {exc}") from exc
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty):
+    torch's messages run to many lines, a command prints one."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

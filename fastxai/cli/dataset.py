@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fastxai.cli.common import CliError, choose_layer, load_model_for_cli
+from fastxai.cli.common import CliError, choose_layer, first_line, load_model_for_cli
 from fastxai.methods import METHODS
 from fastxai.stream import (
     AUTOCAST_DTYPES,
@@ -105,7 +105,7 @@ def run_explain_dataset_command(args: argparse.Namespace) -> int:
                 restart=args.restart,
             )
         except (ValueError, OSError) as exc:
-            raise CliError(str(exc).splitlines()[0]) from exc
+            raise CliError(first_line(exc)) from exc
     rank, world = process_group(model)
     record = Path(args.out) / FAILED_NAME.format(rank=rank)
     failed = len(json.loads(record.read_text())["failed"]) if record.exists() else 0
