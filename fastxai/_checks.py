@@ -34,9 +34,9 @@ def check_model(model: nn.Module) -> None:
     if model.training and model not in _WARNED_TRAINING:
         _WARNED_TRAINING.add(model)
         warnings.warn(
-            f"model ({type(model).__name__}) is in training mode: BatchNorm and Dropout act as "
-            "in training and BatchNorm running statistics are updated. fastxai never changes "
-            "the mode; call model.eval() first for the usual explanation",
+            f"model ({type(model).__name__}) is in training mode: it is explained as it is "
+            "(BatchNorm normalises with the batch's statistics, Dropout drops) and its running "
+            "statistics are not updated; call model.eval() first for the usual explanation",
             stacklevel=3,
         )
 

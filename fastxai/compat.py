@@ -5,7 +5,10 @@
 eigen_smooth)``) and returns the same float32 numpy array ``(N, H, W)`` in [0, 1]. Differences,
 all deliberate:
 
-- the model is never changed: no ``model.eval()``, no hooks, no ``.grad``, no layer swapping;
+- the model is never changed: no hooks, no ``.grad``, no layer swapping, and its mode stays as
+  it is: a model in training mode is explained in eval mode, as pytorch-grad-cam explains it
+  (which calls ``model.eval()`` on it for good), and each module's mode is given back after the
+  call, also when it raises;
 - one target for a batch applies to every image (pytorch-grad-cam explains only the first image
   and returns zero maps for the rest); any other length mismatch is an error;
 - activations are captured faithfully where pytorch-grad-cam reads a tensor that a later in-place
@@ -25,6 +28,7 @@ from torch import Tensor, nn
 
 from fastxai import methods
 from fastxai._checks import model_device
+from fastxai._modes import evaluated
 from fastxai.capture import ReshapeTransform
 from fastxai.explanation import Explanation
 
@@ -63,15 +67,16 @@ class BaseCAM:
         return targets
 
     def _explain(self, x: Tensor, targets: Any, eigen_smooth: bool) -> Explanation:
-        explanation = type(self).method(
-            self.model,
-            x,
-            self.target_layers,
-            self._targets(targets, x.shape[0]),
-            reshape_transform=self.reshape_transform,
-            eigen_smooth=eigen_smooth,
-            **self._method_options(),
-        )
+        with evaluated(self.model):
+            explanation = type(self).method(
+                self.model,
+                x,
+                self.target_layers,
+                self._targets(targets, x.shape[0]),
+                reshape_transform=self.reshape_transform,
+                eigen_smooth=eigen_smooth,
+                **self._method_options(),
+            )
         self.outputs = explanation.logits
         return explanation
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from fastxai._batching import class_probabilities
 from fastxai._checks import check_images, check_maps, check_model
+from fastxai._modes import keeps_buffers
 from fastxai.targets import resolve_targets
 
 
@@ -51,6 +52,7 @@ class IncreaseDrop:
         return float(self.drop.mean()) if self.drop.numel() else float("nan")
 
 
+@keeps_buffers
 def average_increase_drop(
     model: nn.Module,
     x: Tensor,
@@ -99,6 +101,7 @@ class DeletionInsertion:
     insertion_auc: Tensor
 
 
+@keeps_buffers
 def deletion_insertion(
     model: nn.Module,
     x: Tensor,

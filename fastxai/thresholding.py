@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from fastxai import ops
 from fastxai._batching import batched_logits, no_autograd
 from fastxai._checks import check_images, check_maps, check_model
+from fastxai._modes import keeps_buffers
 from fastxai.explanation import Explanation
 from fastxai.ops.reference import stable_rank
 
@@ -124,6 +125,7 @@ def _ladder(thresholds: Sequence[float] | Tensor | None, mode: Mode, compiling: 
     return torch.tensor(values, dtype=torch.float64)
 
 
+@keeps_buffers
 def tft(
     model: nn.Module,
     x: Tensor,

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from fastxai._checks import check_images
+from fastxai._modes import keeps_buffers
 from fastxai.decomposition import fast
 from fastxai.decomposition.heads import (
     UnitBackward,
@@ -127,6 +128,7 @@ def _empty(x: Tensor) -> Explanation:
     )
 
 
+@keeps_buffers
 def srd(
     model: nn.Module,
     x: Tensor,
@@ -209,6 +211,7 @@ def resolve_slot(model: nn.Module, trace: Trace, layer: str | nn.Module) -> str:
     return slot
 
 
+@keeps_buffers
 def srd_erf(
     model: nn.Module,
     x: Tensor,

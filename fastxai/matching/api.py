@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastxai._modes import keeps_buffers
 from fastxai.explanation import Explanation
 from fastxai.matching import ladder
 from fastxai.matching.features import run_extractor
@@ -33,6 +34,7 @@ BACKGROUNDS = ("zero", "blur")
 BLUR_SIGMA_224 = 10.0
 
 
+@keeps_buffers
 def activation_matching(
     model: nn.Module,
     x: Tensor,

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from fastxai import ops
 from fastxai._checks import check_images, check_model
+from fastxai._modes import keeps_buffers
 from fastxai.capture import LayerCapture, ReshapeTransform, capture_layers, resolve_layer
 from fastxai.explanation import Explanation
 from fastxai.methods._projection import first_component_projection
@@ -81,6 +82,7 @@ def in_map_precision(cap: LayerCapture) -> LayerCapture:
     )
 
 
+@keeps_buffers
 def explain_layers(
     model: nn.Module,
     x: Tensor,
@@ -156,7 +158,9 @@ def explain_layers(
 
 _SHARED_ARGS = """
     Args:
-        model: the classifier, explained in its current mode and never modified.
+        model: the classifier, explained in its current mode and never modified (in training
+            mode BatchNorm uses the batch's statistics and its running statistics stay as
+            they are).
         x: ``(N, C, H, W)`` normalised images on the model's device.
         layer: a submodule or its dotted name (``"layer4"``, ``"layer3.1.conv2"``,
             ``"_swish@1"`` for the second call of a module used twice), or a list of them.
