@@ -5,7 +5,6 @@ recipe, and bad input."""
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 
 import pytest
 import torch
@@ -13,13 +12,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastxai.matching import LossWeights, activation_matching, default_layers
-from fastxai.matching.feature_decoder import (
-    INITIAL_KEEP_LOGIT,
-    MAX_RESOLUTION,
-    decoder_logits,
-    decoder_resolution,
-    init_decoder_params,
-)
 from fastxai.matching.features import feature_extractor
 from fastxai.matching.generator import (
     generator_logits,
@@ -501,18 +493,14 @@ def test_bad_input_names_the_argument_and_leaves_the_model_alone() -> None:
     assert not model.training
 
 
-@pytest.mark.parametrize("generator", ["unet", "features"])
-def test_step_compiles_without_graph_breaks_and_aot_backward_matches_eager(generator: str) -> None:
+def test_step_compiles_without_graph_breaks_and_aot_backward_matches_eager() -> None:
     model, x = tiny_model(), tiny_images(2)
     extractor = feature_extractor(model, LAYERS)
     zx, ax = _targets(extractor, x)
-    if generator == "unet":
-        params = init_generator_params([0, 1], width=4, depth=2)
-    else:
-        params = init_decoder_params([f.shape[1] for f in ax], width=4)
+    params = init_generator_params([0, 1], width=4, depth=2)
     for t in params.values():
         t.requires_grad_(True)
-    config = replace(_config(with_necessity=True), generator=generator)
+    config = _config(with_necessity=True)
     noise = torch.randn(2, 1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
     args = (params, x, noise, zx, ax, zx.argmax(1), LossWeights().as_tensor(x), extractor)
     explained = torch._dynamo.explain(step_terms)(*args, config)
@@ -558,131 +546,6 @@ def test_summary_line_and_overlay(tmp_path) -> None:
     lost = {**found, "found": False, "area": None}
     lost_line = am_line(lost, ["a", "b"])
     assert lost_line.startswith("AM (stable, 7 rounds): no area up to 10% keeps 'b'")
-
-
-def test_amortised_generator_explains_held_out_images_in_one_pass() -> None:
-    # float64: in float32 the 200 straight-through steps depend on the CPU and the thread count
-    # (on an AMD EPYC one held-out image lost its top-1). The U-Net generator is not tested
-    # here: on this toy problem it ends with 46 % of the outside kept (200 steps), nothing kept
-    # (400) or everything kept (lr 1e-2), in float64 at 1 and 2 threads alike.
-    from fastxai.matching.amortised import train_amortised
-
-    generator = "features"
-    model = windowed_model().double()
-    explainer = train_amortised(
-        model,
-        tiny_images(16, seed=1).double(),
-        steps=200,
-        batch_size=8,
-        lr=3e-3,
-        width=8,
-        depth=2,
-        weights=TINY_WEIGHTS,
-        compile=False,
-        progress=False,
-        generator=generator,
-        area_warmup=0,  # the full objective from the start, so its history can only fall
-    )
-    assert explainer.generator == generator
-    history = explainer.history @ LossWeights(**TINY_WEIGHTS).as_tensor(explainer.history)
-    # the decoder starts from "keep everything" (a lower loss than the U-Net's random start)
-    assert history[-10:].mean() < 0.9 * history[:10].mean()
-    held_out = tiny_images(4, seed=2).double()
-    ex = explainer.explain(held_out)
-    inside = ex.mask[:, 4:12, 4:12].float().mean((1, 2))
-    outside = (ex.mask.sum((1, 2)) - ex.mask[:, 4:12, 4:12].sum((1, 2))) / (SIZE**2 - 64)
-    assert (inside > 0.8).all() and (outside < 0.05).all()
-    assert ex.extras["top1_kept"].all()
-    torch.testing.assert_close(ex.extras["explanation"], ex.mask[:, None] * held_out)
-
-
-def test_amortised_rejects_an_unknown_generator_and_a_negative_warmup() -> None:
-    from fastxai.matching.amortised import train_amortised
-
-    with pytest.raises(ValueError, match="generator must be one of"):
-        train_amortised(tiny_model(), tiny_images(2), steps=1, generator="resnet", progress=False)
-    with pytest.raises(ValueError, match="area_warmup must be an int >= 0"):
-        train_amortised(tiny_model(), tiny_images(2), steps=1, area_warmup=-1, progress=False)
-
-
-def test_amortised_explainer_saves_and_loads(tmp_path) -> None:
-    from fastxai.matching.amortised import AmortisedExplainer, train_amortised
-
-    model, x = windowed_model(), tiny_images(4, seed=1)
-    options = dict(steps=20, batch_size=2, lr=3e-3, width=4, compile=False, progress=False)
-    explainer = train_amortised(model, x, weights=TINY_WEIGHTS, area_warmup=5, **options)
-    path = tmp_path / "amortised.pt"
-    explainer.save(path)
-    assert [p.name for p in tmp_path.iterdir()] == ["amortised.pt"]  # no temporary file left
-    loaded = AmortisedExplainer.load(path, model)
-    assert loaded.layers == explainer.layers and loaded.weights == explainer.weights
-    torch.testing.assert_close(loaded.history, explainer.history, rtol=0, atol=0)
-    held_out = tiny_images(3, seed=2)
-    before, after = explainer.explain(held_out), loaded.explain(held_out)
-    torch.testing.assert_close(after.extras["soft_mask"], before.extras["soft_mask"])
-    assert torch.equal(after.mask, before.mask)
-
-    other = tiny_model()  # same layer names, but no window buffer: still loads
-    assert AmortisedExplainer.load(path, other).generator == "features"
-    renamed = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.LazyLinear(5))
-    with pytest.raises(ValueError, match="'relu' is not a submodule"):
-        AmortisedExplainer.load(path, renamed)
-    torch.save({"format": 2}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="is not a saved AmortisedExplainer"):
-        AmortisedExplainer.load(tmp_path / "other.pt", model)
-
-
-def test_amortised_explainer_rejects_a_model_with_other_channels() -> None:
-    from fastxai.matching.amortised import train_amortised
-
-    options = dict(steps=1, batch_size=2, width=4, compile=False, progress=False)
-    explainer = train_amortised(tiny_model(), tiny_images(2), **options)
-    wider = TinyResNetLike()
-    wider.layer4 = nn.Sequential(nn.Conv2d(12, 20, 3, stride=2, padding=1), nn.ReLU())
-    wider.fc = nn.Linear(20, 5)
-    explainer.model = wider.eval()
-    with pytest.raises(ValueError, match="'layer4' gives 20 channels, the generator was trained"):
-        explainer.explain(tiny_images(1))
-
-
-def test_amortised_area_warmup_starts_without_the_area_term() -> None:
-    from fastxai.matching.amortised import train_amortised
-
-    def trained(steps: int, warmup: int, area: float) -> dict[str, Tensor]:
-        options = dict(steps=steps, batch_size=2, lr=1e-2, width=4, compile=False, progress=False)
-        weights = {**TINY_WEIGHTS, "area": area}
-        model, x = windowed_model(), tiny_images(2)
-        return train_amortised(model, x, weights=weights, area_warmup=warmup, **options).params
-
-    no_area, full = trained(1, 0, 0.0), trained(1, 0, TINY_WEIGHTS["area"])
-    warmed = trained(1, 4, TINY_WEIGHTS["area"])  # step 0 of 4: area weight 0
-    for name in full:
-        torch.testing.assert_close(warmed[name], no_area[name], rtol=0, atol=0)
-    assert any(not torch.equal(full[n], no_area[n]) for n in full)
-    # the second step already has a quarter of the area weight
-    assert any(not torch.equal(trained(2, 4, 15.0)[n], trained(2, 4, 0.0)[n]) for n in full)
-
-
-def test_feature_decoder_resolution_scale_invariance_and_independent_images() -> None:
-    assert decoder_resolution([(112, 112), (56, 56), (28, 28), (7, 7)]) == (56, 56)
-    assert decoder_resolution([(224, 224), (112, 112)]) == (MAX_RESOLUTION, MAX_RESOLUTION)
-    assert decoder_resolution([(8, 8), (8, 8), (4, 4)]) == (4, 4)
-    assert decoder_resolution([(8, 6)]) == (8, 6)
-    model, x = tiny_model(), tiny_images(3)
-    _, features = _targets(feature_extractor(model, LAYERS), x)
-    params = init_decoder_params([f.shape[1] for f in features], width=4, seed=3)
-    assert float(params["head.bias"]) == INITIAL_KEEP_LOGIT
-    logits = decoder_logits(params, features, x)
-    assert logits.shape == (3, 1, SIZE, SIZE)
-    # each layer is divided by its per-image RMS: rescaling one image's features changes nothing
-    scaled = [f * torch.tensor([1.0, 7.0, 0.1]).view(3, 1, 1, 1) for f in features]
-    torch.testing.assert_close(decoder_logits(params, scaled, x), logits)
-    # no mixing across the batch; and the features do matter
-    for i in range(3):
-        alone = decoder_logits(params, [f[i : i + 1] for f in features], x[i : i + 1])
-        torch.testing.assert_close(alone, logits[i : i + 1])
-    swapped = [features[0].flip(0), *features[1:]]
-    assert not torch.allclose(decoder_logits(params, swapped, x)[0], logits[0])
 
 
 def test_demo_photo_writes_the_panel_with_the_stable_recipe(tmp_path) -> None:

@@ -6,8 +6,9 @@ cell deletion under the paper's loss, an area ladder, no seed); ``paper``: the a
 recipe, whose ``generator`` (per-image U-Nets, straight-through mask) and ``trainer`` (the
 compiled step and the loop) it trains; ``features``: the traced classifier and default layers;
 ``losses``: the per-image terms and weights; ``robustness``: masks under noise and blur
-backgrounds; ``amortised``: one generator trained over many images (by default
-``feature_decoder``, a decoder of the classifier's features).
+backgrounds; ``amortised``: one decoder of the classifier's features (``feature_decoder``)
+trained over many images with the real-time saliency losses (``saliency_losses``), which scores
+the stable recipe's cells of a new image in one forward.
 """
 
 from fastxai.matching.api import activation_matching

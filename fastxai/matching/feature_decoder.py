@@ -1,30 +1,25 @@
-"""A mask generator that reads the classifier's own features: the amortised mode's default.
+"""The amortised mode's mask decoder: cell logits from the classifier's own features and a
+class-evidence map.
 
-One generator shared by every image has to tell *from the image* which pixels the classifier
-relies on. A U-Net on raw pixels must learn that from scratch; trained over a few hundred
-mini-batches of photos it settled at ``p = 0.5`` everywhere (benchmarks/README.md). The matched
-layers' activations :math:`\\varphi_\\ell(x)` are computed once per image anyway (they are the
-targets of :math:`L_{act}`), and they already say where the evidence is, so this generator
-decodes the mask from them (a small top-down decoder, in the spirit of feature-pyramid heads and
-of the real-time saliency models that reuse a classifier's encoder).
+One decoder shared by every image has to tell *from the image* which cells the classifier relies
+on for class :math:`c`. The matched layers' activations :math:`\\varphi_\\ell(x)` already say
+where the evidence is (the encoder of real-time saliency is likewise the classifier's backbone),
+and the class enters as Grad-CAM's map of :math:`c` at the deepest matched layer, :math:`G_c`
+(real-time saliency learns a class embedding instead: with a handful of photos and a thousand
+classes that cannot be learnt, while :math:`G_c` is defined for every class without training).
 
-Architecture (width ``w``; layers ``l = 1..L`` with ``C_l`` channels at ``h_l x w_l``; decoder
-resolution ``R``: the second-finest matched resolution, capped at 56):
+Everything is computed on the stable recipe's cell grid (16-pixel cells at 224:
+:func:`fastxai.matching.ladder.fine_cell`), ``g_h x g_w``:
 
 .. math::
-    z = \\mathrm{ReLU}\\Big(\\sum_l W_l * \\mathrm{resize}_R\\big(\\varphi_l(x) / \\mathrm{rms}(
-    \\varphi_l(x))\\big) + W_x * \\mathrm{pool}_R(x)\\Big), \\quad
-    \\mathrm{logits} = \\mathrm{up}_{H \\times W}\\big(K_2 * \\mathrm{ReLU}(K_1 * z)\\big) + b
+    z = \\mathrm{ReLU}\\Big(\\sum_\\ell W_\\ell\\, \\mathrm{grid}\\big(\\varphi_\\ell(x) /
+    \\mathrm{rms}(\\varphi_\\ell(x))\\big) + W_x\\, \\mathrm{grid}(x) + W_G\\, \\mathrm{grid}(G_c)
+    \\Big), \\quad \\mathrm{logits} = K_2 * \\mathrm{ReLU}(K_1 * z) + b
 
-with ``W_l`` and ``W_x`` 1x1 convolutions to ``w`` channels, ``K_1`` a 3x3 convolution
-``w -> w`` and ``K_2`` a 3x3 convolution to one channel, ``rms`` taken per image over the whole
-layer (so photos of any contrast give inputs of one scale), ``resize_R`` area pooling when larger
-and bilinear when smaller, ``up`` bilinear. The head's bias starts at
-``INITIAL_KEEP_LOGIT`` (``p = 0.88`` where the rest of the decoder gives 0, so at the start
-(almost) every pixel is kept): from there the area term lowers ``p``
-everywhere and the straight-through gradients of :math:`L_{CE}` and :math:`L_{rob}` (non-zero at
-``e = x``, unlike :math:`L_{act}` and :math:`L_{KL}`) say which pixels to keep; starting at
-``p = 0.5`` leaves every pixel on the threshold, where the shared U-Net stalled.
+with ``W`` 1x1 convolutions to ``width`` channels, ``K_1`` a 3x3 convolution ``width -> width``,
+``K_2`` a 3x3 convolution to one channel, ``rms`` per image over the layer, ``grid`` area pooling
+when larger than the grid and bilinear when smaller. Training smooths the cell mask by bilinear
+upsampling; explanations rank the cells by their logits (:mod:`fastxai.matching.amortised`).
 """
 
 from __future__ import annotations
@@ -38,17 +33,6 @@ from torch import Tensor
 
 DecoderParams = dict[str, Tensor]
 
-INITIAL_KEEP_LOGIT = 2.0
-MAX_RESOLUTION = 56
-
-
-def decoder_resolution(feature_sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """``R``: the second-finest of the matched layers' sizes (the finest when there is one),
-    each side capped at ``MAX_RESOLUTION``."""
-    by_area = sorted(set(feature_sizes), key=lambda s: -s[0] * s[1])
-    height, width = by_area[1] if len(by_area) > 1 else by_area[0]
-    return min(height, MAX_RESOLUTION), min(width, MAX_RESOLUTION)
-
 
 def init_decoder_params(
     feature_channels: Sequence[int],
@@ -60,38 +44,54 @@ def init_decoder_params(
     dtype: torch.dtype = torch.float32,
 ) -> DecoderParams:
     """The decoder's weights: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))`` (PyTorch's default for
-    ``nn.Conv2d``), drawn from ``seed``; the head's bias is ``INITIAL_KEEP_LOGIT``."""
-    if width < 1:
-        raise ValueError(f"width must be >= 1, got {width}")
+    ``nn.Conv2d``), drawn from ``seed``."""
+    if not isinstance(width, int) or isinstance(width, bool) or width < 1:
+        raise ValueError(f"width: expected an int >= 1, got {width!r}")
     rng = torch.Generator().manual_seed(int(seed))
     shapes = [(f"lateral{i}", c, width, 1) for i, c in enumerate(feature_channels)]
-    shapes += [("image", in_channels, width, 1), ("mix", width, width, 3), ("head", width, 1, 3)]
+    shapes += [
+        ("image", in_channels, width, 1),
+        ("evidence", 1, width, 1),
+        ("mix", width, width, 3),
+        ("head", width, 1, 3),
+    ]
     params: DecoderParams = {}
     for name, cin, cout, k in shapes:
         bound = 1.0 / math.sqrt(cin * k * k)
         params[f"{name}.weight"] = (torch.rand((cout, cin, k, k), generator=rng) * 2 - 1) * bound
         params[f"{name}.bias"] = (torch.rand(cout, generator=rng) * 2 - 1) * bound
-    params["head.bias"] = torch.full((1,), INITIAL_KEEP_LOGIT)
     return {name: t.to(device=device, dtype=dtype) for name, t in params.items()}
 
 
-def _resize(t: Tensor, size: tuple[int, int]) -> Tensor:
-    if tuple(t.shape[-2:]) == size:
+def to_grid(t: Tensor, grid: tuple[int, int]) -> Tensor:
+    """``t`` ``(N, C, h, w)`` on the ``grid``: area pooling when larger, bilinear when smaller."""
+    if tuple(t.shape[-2:]) == grid:
         return t
-    if t.shape[-2] >= size[0] and t.shape[-1] >= size[1]:
-        return F.adaptive_avg_pool2d(t, size)
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)
+    if t.shape[-2] >= grid[0] and t.shape[-1] >= grid[1]:
+        return F.adaptive_avg_pool2d(t, grid)
+    return F.interpolate(t, size=grid, mode="bilinear", align_corners=False)
 
 
-def decoder_logits(params: DecoderParams, features: Sequence[Tensor], x: Tensor) -> Tensor:
-    """Mask logits ``(N, 1, H, W)`` of the images ``x`` from their features (the formula in the
-    module docstring)."""
-    size = decoder_resolution([tuple(f.shape[-2:]) for f in features])
-    z = F.conv2d(_resize(x, size), params["image.weight"], params["image.bias"])
-    for i, feature in enumerate(features):
+def decoder_inputs(
+    features: Sequence[Tensor], x: Tensor, evidence: Tensor, grid: tuple[int, int]
+) -> list[Tensor]:
+    """The decoder's inputs on the grid: each layer RMS-normalised, then ``x``, then the
+    evidence map ``(N, h, w)``."""
+    inputs = []
+    for feature in features:
         rms = feature.pow(2).mean((1, 2, 3), keepdim=True).add(1e-12).sqrt()
-        lateral = _resize(feature / rms, size)
-        z = z + F.conv2d(lateral, params[f"lateral{i}.weight"], params[f"lateral{i}.bias"])
+        inputs.append(to_grid(feature / rms, grid))
+    inputs.append(to_grid(x, grid))
+    inputs.append(to_grid(evidence[:, None].to(x.dtype), grid))
+    return inputs
+
+
+def decoder_logits(params: DecoderParams, inputs: Sequence[Tensor]) -> Tensor:
+    """Cell logits ``(N, 1, g_h, g_w)`` from :func:`decoder_inputs`."""
+    *features, image, evidence = inputs
+    z = F.conv2d(image, params["image.weight"], params["image.bias"])
+    z = z + F.conv2d(evidence, params["evidence.weight"], params["evidence.bias"])
+    for i, feature in enumerate(features):
+        z = z + F.conv2d(feature, params[f"lateral{i}.weight"], params[f"lateral{i}.bias"])
     z = F.relu(F.conv2d(F.relu(z), params["mix.weight"], params["mix.bias"], padding=1))
-    logits = F.conv2d(z, params["head.weight"], params["head.bias"], padding=1)
-    return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
+    return F.conv2d(z, params["head.weight"], params["head.bias"], padding=1)

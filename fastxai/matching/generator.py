@@ -103,7 +103,7 @@ def _conv(x: Tensor, params: GeneratorParams, name: str, relu: bool = True) -> T
     weight, bias = params[f"{name}.weight"], params[f"{name}.bias"]
     groups, cout, cin, k, _ = weight.shape
     height, width = x.shape[-2:]
-    if groups == 1:  # one generator, shared by every image of x (the amortised mode)
+    if groups == 1:  # one generator for every image of x
         y = F.conv2d(x, weight[0], bias[0], padding=k // 2)
         return F.relu(y) if relu else y
     y = F.conv2d(

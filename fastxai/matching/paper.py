@@ -299,8 +299,6 @@ def paper_activation_matching(
             result.history,
             run_weights,
             matched,
-            [per_run(f) for f in target_features],
-            config.generator,
             config.generator_autocast,
         ).extras
         kept_fraction = every["kept_fraction"].view(n, restarts)
@@ -327,8 +325,6 @@ def paper_activation_matching(
         history,
         loss_weights,
         matched,
-        target_features,
-        config.generator,
         config.generator_autocast,
     )
     explanation.extras.update(restart_extras)
@@ -345,15 +341,13 @@ def finish_explanation(
     history: Tensor,
     loss_weights: LossWeights | list[LossWeights],
     matched: list[MatchedLayer],
-    features: Sequence[Tensor],
-    generator: str,
     generator_autocast: torch.dtype | None,
 ) -> Explanation:
-    """The final hard masks ``1[p > 0.5]`` of trained generators (:func:`mask_logits`;
-    ``features``: the images' matched-layer features), ``e = m * x`` and one forward of ``e``:
+    """The final hard masks ``1[p > 0.5]`` of trained generators (:func:`mask_logits`),
+    ``e = m * x`` and one forward of ``e``:
     the :class:`Explanation` of :func:`activation_matching`."""
     weight_tensor = weights_tensor(loss_weights, images)
-    final_logits = mask_logits(params, images, features, generator, generator_autocast)
+    final_logits = mask_logits(params, images, generator_autocast)
     soft = torch.sigmoid(final_logits.to(images.dtype))[:, 0]
     mask = soft > 0.5
     explanation = mask[:, None].to(images.dtype) * images

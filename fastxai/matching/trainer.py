@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from fastxai.matching.feature_decoder import decoder_logits
 from fastxai.matching.features import run_extractor
 from fastxai.matching.generator import GeneratorParams, generator_logits, straight_through_mask
 from fastxai.matching.losses import (
@@ -41,23 +40,11 @@ class StepConfig:
     with_necessity: bool
     # Autocast dtype of the generator (e.g. torch.bfloat16), or None for the input's dtype.
     generator_autocast: torch.dtype | None = None
-    # "unet": per-image U-Nets on the pixels (generator.py); "features": one decoder of the
-    # classifier's features phi(x), shared by every image (feature_decoder.py, amortised mode).
-    generator: str = "unet"
 
 
-def mask_logits(
-    params: GeneratorParams,
-    x: Tensor,
-    features: Sequence[Tensor],
-    generator: str = "unet",
-    autocast: torch.dtype | None = None,
-) -> Tensor:
-    """The mask logits ``(N, 1, H, W)`` of the images ``x`` with features ``features`` under a
-    ``generator`` (:class:`StepConfig`'s field; only ``"features"`` reads the features), the
-    U-Net under ``autocast`` when given."""
-    if generator == "features":
-        return decoder_logits(params, features, x)
+def mask_logits(params: GeneratorParams, x: Tensor, autocast: torch.dtype | None = None) -> Tensor:
+    """The U-Nets' mask logits ``(N, 1, H, W)`` of the images ``x``, under ``autocast`` when
+    given."""
     if autocast is None:
         return generator_logits(params, x)
     with torch.autocast(x.device.type, dtype=autocast):
@@ -81,9 +68,7 @@ def step_terms(
     :math:`\\tilde e_k = m \\odot x + (1 - m) \\odot r_k`.
     """
     n, k = noise.shape[:2]
-    logits_mask = mask_logits(
-        params, x, target_features, config.generator, config.generator_autocast
-    )
+    logits_mask = mask_logits(params, x, config.generator_autocast)
     p = torch.sigmoid(logits_mask.to(x.dtype))
     m = straight_through_mask(p)
     e = m * x
