@@ -10,6 +10,7 @@ validate it, then compile.
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 
@@ -28,16 +29,23 @@ def model_device(model: nn.Module) -> torch.device | None:
     return None
 
 
+def warn_user(message: str) -> None:
+    """``warnings.warn`` pointing at the user's line: the first frame outside fastxai."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__", "").startswith("fastxai"):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+
+
 def check_model(model: nn.Module) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if model.training and model not in _WARNED_TRAINING:
         _WARNED_TRAINING.add(model)
-        warnings.warn(
+        warn_user(
             f"model ({type(model).__name__}) is in training mode: it is explained as it is "
             "(BatchNorm normalises with the batch's statistics, Dropout drops) and its running "
-            "statistics are not updated; call model.eval() first for the usual explanation",
-            stacklevel=3,
+            "statistics are not updated; call model.eval() first for the usual explanation"
         )
 
 

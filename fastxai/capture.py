@@ -13,7 +13,6 @@ path does not compile with ``torch.compile(fullgraph=True)``.
 from __future__ import annotations
 
 import threading
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from fastxai._checks import warn_user
 from fastxai._tracing import ThreadOwnedTracer, release_graph_module
 from fastxai.targets import ResolvedTargets, resolve_targets
 
@@ -248,11 +248,10 @@ def _fallback(model: nn.Module, layer: str, exc: Exception) -> None:
     key = (id(model), layer)
     if key not in _WARNED:
         _WARNED.add(key)
-        warnings.warn(
+        warn_user(
             f"torch.fx could not trace the model ({type(exc).__name__}: {exc}); "
             "fastxai falls back to a temporary forward hook at the layer (safe across "
-            "threads; not compilable with torch.compile(fullgraph=True))",
-            stacklevel=4,
+            "threads; not compilable with torch.compile(fullgraph=True))"
         )
 
 
@@ -263,7 +262,8 @@ class LayerCapture:
     Attributes:
         activation: ``(N, C, h, w)`` layer output (after ``reshape_transform``), detached.
         gradient: ``(N, C, h, w)`` gradient of the summed target scores w.r.t. it, or ``None``.
-        logits: ``(N, K)`` model output.
+        logits: the model's output, ``(N, K)`` logits for a classifier (``(N, ...)`` for
+            other models, explained through ``targets`` callables).
         targets: the resolved targets (class indices and/or callables, scores).
         raw_activation: the layer output before ``reshape_transform``.
         carry: the other values the suffix reads (empty on the hook path).
@@ -291,10 +291,14 @@ def _apply_transform(t: Tensor, reshape_transform: ReshapeTransform | None, laye
     return t
 
 
-def _check_logits(out: Any) -> Tensor:
-    if not isinstance(out, Tensor) or out.dim() != 2:
+def _check_output(out: Any, n: int) -> Tensor:
+    """The model's output: a tensor with one row per image (class logits ``(N, K)``, or any
+    other shape such as segmentation scores ``(N, K, H, W)`` that ``targets`` callables read)."""
+    if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != n:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-        raise ValueError(f"model must return logits of shape (N, num_classes), got {shape}")
+        raise ValueError(
+            f"model must return a tensor with one row per image, shape ({n}, ...), got {shape}"
+        )
     return out
 
 
@@ -319,14 +323,14 @@ def capture_layer(
             return _capture_with_hook(model, x, layer, targets, with_gradient, reshape_transform)
         a_raw, *carry = split.prefix(x)
         if not with_gradient:
-            logits = _check_logits(split.suffix(a_raw, *carry))
+            logits = _check_output(split.suffix(a_raw, *carry), x.shape[0])
             resolved = resolve_targets(targets, logits)
             activation = _apply_transform(a_raw, reshape_transform, layer)
             return LayerCapture(activation, None, logits, resolved, a_raw, tuple(carry), split)
         # torch.func.vjp differentiates even under the no_grad above (it ignores outer grad
         # modes), while the prefix and every parameter stay out of any autograd graph.
         logits, vjp_fn = torch.func.vjp(lambda a: split.suffix(a, *carry), a_raw)
-        logits = _check_logits(logits)
+        logits = _check_output(logits, x.shape[0])
         resolved = resolve_targets(targets, logits)
         (g_raw,) = vjp_fn(resolved.cotangent(logits))
         activation = _apply_transform(a_raw, reshape_transform, layer)
@@ -368,7 +372,7 @@ def _capture_with_hook(
     handle = module.register_forward_hook(keep_output)
     try:
         with torch.set_grad_enabled(with_gradient):
-            logits = _check_logits(model(x))
+            logits = _check_output(model(x), x.shape[0])
     finally:
         handle.remove()
     if len(seen) <= call_index:

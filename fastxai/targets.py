@@ -43,7 +43,8 @@ class ResolvedTargets:
         if self.callables is None:
             return logits.gather(1, self.classes[image_index][:, None])[:, 0]
         index = image_index.tolist()
-        return torch.stack([self.callables[n](row) for n, row in zip(index, logits, strict=True)])
+        rows = zip(index, logits, strict=True)
+        return torch.stack([torch.as_tensor(self.callables[n](row)).sum() for n, row in rows])
 
     def cotangent(self, logits: Tensor) -> Tensor:
         """:math:`\\partial \\sum_n s_n / \\partial \\text{logits}` (one-hot rows for classes)."""
@@ -63,10 +64,18 @@ def resolve_targets(targets: Targets, logits: Tensor) -> ResolvedTargets:
 
     ``None``: the top-1 class of each image. An int, or a single callable: the same for every
     image. A sequence or 1-D tensor: one entry per image (its length must equal the batch size;
-    unlike pytorch-grad-cam, a mismatch is an error, not a silent truncation).
+    unlike pytorch-grad-cam, a mismatch is an error, not a silent truncation). A model whose
+    output is not ``(N, num_classes)`` logits (segmentation scores ``(N, K, H, W)``, a binary
+    classifier's ``(N,)``) is explained through callables only.
     """
-    n, num_classes = logits.shape
-    device = logits.device
+    n, device = logits.shape[0], logits.device
+    if logits.dim() != 2 and not _all_callables(targets):
+        raise ValueError(
+            f"targets: the model returns {tuple(logits.shape)}, not (N, num_classes) logits, so "
+            "there is no class index to explain; pass callables that map one image's output "
+            "to a scalar (fastxai.compat.utils.model_targets, e.g. SemanticSegmentationTarget)"
+        )
+    num_classes = logits.shape[1] if logits.dim() == 2 else 0
     if targets is None:
         return ResolvedTargets(logits.argmax(1), None)
     if type(targets).__module__ == "numpy" and hasattr(targets, "dtype"):
@@ -110,6 +119,14 @@ def resolve_targets(targets: Targets, logits: Tensor) -> ResolvedTargets:
     if all(c >= 0 for c in classes):
         return ResolvedTargets(class_tensor, None)
     return ResolvedTargets(class_tensor, callables)
+
+
+def _all_callables(targets: Targets) -> bool:
+    """``targets`` is one callable, or a non-empty sequence of callables, none a class index."""
+    entries = [targets] if callable(targets) else targets
+    if not isinstance(entries, Sequence) or isinstance(entries, str) or not entries:
+        return False
+    return all(callable(t) and _as_class_index(t) is None for t in entries)
 
 
 def _resolve_tensor_targets(

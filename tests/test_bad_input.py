@@ -113,12 +113,23 @@ def test_wrong_device_is_named(model):
             fastxai.gradcam(model, torch.randn(1, 3, 32, 32, device="cuda"), "layer4")
 
 
+class DictOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return {"out": self.conv(x).mean((2, 3))}
+
+
 def test_model_must_be_module_and_return_logits(images):
     with pytest.raises(TypeError, match=r"model must be a torch\.nn\.Module"):
         fastxai.gradcam(lambda t: t, images(1, 16), "layer4")
     features_only = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
-    with pytest.raises(ValueError, match=r"model must return logits of shape \(N, num_classes\)"):
-        fastxai.gradcam(features_only, images(1, 16), "0")
+    with pytest.raises(ValueError, match=r"\(1, 4, 14, 14\), not \(N, num_classes\) logits"):
+        fastxai.gradcam(features_only, images(1, 16), "0")  # no callable targets
+    with pytest.raises(ValueError, match=r"one row per image, shape \(1, \.\.\.\), got dict"):
+        fastxai.gradcam(DictOutput(), images(1, 16), "conv")
 
 
 def test_bad_fusion_and_compat_arguments(model, images):

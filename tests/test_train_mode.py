@@ -55,8 +55,9 @@ def test_train_mode_gradcam_uses_batch_statistics_and_updates_nothing(layer: str
     model = train_mode_resnet()
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     before = buffers(model)
-    with pytest.warns(UserWarning, match="training mode: it is explained as it is"):
+    with pytest.warns(UserWarning, match="training mode: it is explained as it is") as record:
         explanation = fastxai.gradcam(model, x, layer, [1, 4, 7])
+    assert record[0].filename == __file__  # the warning points at the caller's line
     expected = hooked_gradcam_raw(model, x, layer, torch.tensor([1, 4, 7]))
     # float32 reference by a different route (hooks + autograd against FX split + vjp)
     scale = float(expected.abs().max())

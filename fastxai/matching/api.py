@@ -4,7 +4,6 @@ and prediction (Suhail, Anand, Sethi 2025), by the stable area-ladder recipe (de
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastxai._checks import warn_user
 from fastxai._modes import keeps_buffers
 from fastxai.explanation import Explanation
 from fastxai.matching import ladder
@@ -239,11 +239,10 @@ def finish_ladder(
     chosen = torch.where(found, keeps.int().argmax(1), torch.full_like(labels, rungs - 1))
     rows = torch.arange(n, device=device) * rungs + chosen
     for i in (~found).nonzero()[:, 0].tolist():
-        warnings.warn(
+        warn_user(
             f"activation_matching: image {i}: no area up to {100 * float(areas[-1]):g} % keeps "
             f"class {int(labels[i])} with p(e) >= {keep_ratio:g} p(x); its mask is the largest "
-            "area's and does not keep it (pass larger areas=...)",
-            stacklevel=4,
+            "area's and does not keep it (pass larger areas=...)"
         )
     mask = flat_masks[rows]
     kept_rungs = flat_masks.flatten(1).float().mean(1).view(n, rungs)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -18,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fastxai import ops
-from fastxai._checks import check_images, check_model
+from fastxai._checks import check_images, check_model, warn_user
 from fastxai._modes import keeps_buffers
 from fastxai.capture import LayerCapture, ReshapeTransform, capture_layers, resolve_layer
 from fastxai.explanation import Explanation
@@ -133,11 +132,10 @@ def explain_layers(
     if not torch.compiler.is_compiling():
         for name, raw in zip(layers, raws, strict=True):
             if raw.shape[-2:] == (1, 1):
-                warnings.warn(
+                warn_user(
                     f"layer {name!r} gives a 1 x 1 map for {x.shape[2]} x {x.shape[3]} inputs, "
                     "so every map is constant (all zero after normalisation); choose an "
-                    "earlier layer or larger inputs",
-                    stacklevel=3,
+                    "earlier layer or larger inputs"
                 )
     maps = fuse_layer_maps(raws, (x.shape[2], x.shape[3]), fusion)
     first = captures[0]
