@@ -1,4 +1,9 @@
-"""Builds ``fastxai._C``: the C++ CPU ops always, the CUDA ops when ``FASTXAI_CUDA=1``.
+"""Builds ``fastxai._C``: the C++ CPU ops always, and the CUDA ops where they can run.
+
+The CUDA kernels are built when torch has CUDA, the CUDA toolkit is found and a GPU is visible,
+or when ``FASTXAI_CUDA=1`` (e.g. to build on a machine without a GPU); ``FASTXAI_CUDA=0`` skips
+them. Without a GPU to read the architecture from, and ``TORCH_CUDA_ARCH_LIST`` unset, they are
+built for ``8.0;9.0+PTX`` (A100, H100, and PTX that newer GPUs compile at load time).
 
 Every schema is declared once in ``csrc/fastxai.cpp``; each backend lives in its own folder with
 the same file stem (``csrc/cpu/<op>.cpp``, ``csrc/cuda/<op>.cu``) and calls the shared math in
@@ -8,8 +13,9 @@ the same file stem (``csrc/cpu/<op>.cpp``, ``csrc/cuda/<op>.cu``) and calls the 
 import glob
 import os
 
+import torch
 from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -18,11 +24,25 @@ def _sources(pattern: str) -> list[str]:
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
+
+
+def _build_cuda() -> bool:
+    choice = os.environ.get("FASTXAI_CUDA", "")
+    if choice in ("0", "1"):
+        return choice == "1"
+    if choice:
+        raise SystemExit(f"FASTXAI_CUDA: expected 0 or 1, got {choice!r}")
+    return torch.version.cuda is not None and CUDA_HOME is not None and torch.cuda.is_available()
+
+
 def _extension():
     sources = ["csrc/fastxai.cpp", *_sources("csrc/cpu/*.cpp")]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     cxx_flags = ["-O3", "-fopenmp", "-std=c++20"]
-    if os.environ.get("FASTXAI_CUDA", "0") == "1":
+    if _build_cuda():
+        if not torch.cuda.is_available():
+            os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
         return CUDAExtension(
             "fastxai._C",
             sources + _sources("csrc/cuda/*.cu"),

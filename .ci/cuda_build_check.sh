@@ -4,7 +4,7 @@
 # alone.
 #
 # Usage: .ci/cuda_build_check.sh [python]   (default: .venv/bin/python of this repository)
-# Honours CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default "8.0;9.0") and
+# Honours CUDA_HOME (default /usr/local/cuda), TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX") and
 # MAX_JOBS (default 2).
 set -euo pipefail
 
@@ -28,7 +28,7 @@ echo "cuda_build_check: building in $scratch with $python"
 start=$SECONDS
 FASTXAI_CUDA=1 \
   CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}" \
-  TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0}" \
+  TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-8.0;9.0+PTX}" \
   MAX_JOBS="${MAX_JOBS:-2}" \
   "$python" setup.py build_ext --inplace
 echo "cuda_build_check: built in $((SECONDS - start)) s"

@@ -82,11 +82,9 @@ def kernel_backend_params(op: str) -> list:
     CPU, Triton under the interpreter, the reference, C++ CUDA and Triton on a GPU, each
     skipped with its reason where it cannot run here."""
     import fastxai.ops as ops
+    from fastxai.ops._dispatch import CPP_OPS, CUDA_KERNELS
 
-    has_cpp_op = ops.has_extension() and hasattr(torch.ops.fastxai, op)
-    cuda_built = has_cpp_op and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"fastxai::{op}", "CUDA"
-    )
+    has_cpp_op, cuda_built = CPP_OPS[op], CUDA_KERNELS[op]
     skip = pytest.mark.skipif
     return [
         pytest.param(

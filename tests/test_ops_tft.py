@@ -24,6 +24,7 @@ from conftest import run_without_extension
 
 import fastxai.ops as ops
 from fastxai.ops import reference
+from fastxai.ops._dispatch import CUDA_KERNELS
 
 ATOL = {torch.float32: 1e-6, torch.float64: 1e-12}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -164,6 +165,38 @@ def test_ladder_non_contiguous_inputs(backend, dtype):
         assert not images.is_contiguous() and not raw.is_contiguous()
         for mode in ("value", "percentile"):
             _check_ladder(backend, raw, images, _ladder(mode), mode, "soft")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@DTYPES
+def test_nan_in_a_raw_map_makes_that_whole_map_nan(backend, dtype):
+    """As the reference's amin / amax: Triton's tl.min / tl.max would skip the NaN."""
+    g = _generator(11)
+    raw = torch.randn(2, 4, 5, dtype=dtype, generator=g)
+    raw[0, 1, 2] = float("nan")
+    images = torch.randn(2, 3, 8, 9, dtype=dtype, generator=g)
+    expected_maps = reference.scale_maps(raw, 8, 9)
+    assert expected_maps[0].isnan().all() and not expected_maps[1].isnan().any()
+    for mode in ("value", "percentile"):
+        thresholds = _ladder(mode)
+        raw_d, images_d, thresholds_d = _on(_device(backend), raw, images, thresholds)
+        masked, maps = ops.tft_ladder(
+            raw_d, images_d, thresholds_d, mode=mode, mask="soft", backend=backend
+        )
+        maps, masked = maps.cpu(), masked.cpu()
+        assert maps[0].isnan().all(), f"{mode}: {int(maps[0].isnan().sum())} of 72 NaN"
+        torch.testing.assert_close(maps[1], expected_maps[1], atol=ATOL[dtype], rtol=0)
+        expected = reference.tft_mask(maps, images, thresholds, mode, "soft")
+        torch.testing.assert_close(masked, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_nan_percentile_threshold_mutes_nothing(backend):
+    g = _generator(12)
+    raw, images = torch.randn(2, 4, 4, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    thresholds = torch.tensor([0.25, float("nan"), 0.5], dtype=torch.float64)
+    masked, _ = _check_ladder(backend, raw, images, thresholds, "percentile", "binary")
+    assert torch.equal(masked.view(2, 3, 3, 8, 8)[:, 1], images)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -420,6 +453,16 @@ def test_rpi_select_edge_cases(backend, dtype):
     assert rpi.shape == (3, 0) and index.tolist() == [-1, -1, -1]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_bad_class_gives_the_same_error_on_every_backend(backend):
+    device = _device(backend)
+    logits, original = torch.zeros(6, 4, device=device), torch.ones(2, device=device)
+    for classes, message in [([0, 5], r"classes\[1\] = 5"), ([-1, 2], r"classes\[0\] = -1")]:
+        bad = torch.tensor(classes, device=device)
+        with pytest.raises(RuntimeError, match=f"^rpi_select: {message} is out of range for 4"):
+            ops.rpi_select(logits, bad, original, backend=backend)
+
+
 @requires_extension
 def test_bad_select_input_is_rejected():
     logits = torch.zeros(6, 4)
@@ -534,7 +577,7 @@ def test_compile_fullgraph_rpi_select():
 
 
 @pytest.mark.skipif(
-    not ops._tft_ops._CUDA_KERNELS["tft_ladder"],
+    not CUDA_KERNELS["tft_ladder"],
     reason="fastxai._C is not loaded or was built without CUDA kernels",
 )
 @requires_gpu

@@ -67,9 +67,19 @@ __global__ void __launch_bounds__(kThreadsPerBlock) rpi_select_kernel(
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int64_t c = classes[n];
-  CUDA_KERNEL_ASSERT(c >= 0 && c < num_classes);
   const scalar_t p0 = original[n];
   scalar_t* image_rpi = rpi + n * num_thresholds;
+  if (c < 0 || c >= num_classes) {
+    // A device assert would end the CUDA context: NaN and -1, as the Triton kernel, and the
+    // Python front door raises before launching. c is the block's own: every thread returns.
+    for (int64_t t = threadIdx.x; t < num_thresholds; t += blockDim.x) {
+      image_rpi[t] = std::numeric_limits<scalar_t>::quiet_NaN();
+    }
+    if (threadIdx.x == 0) {
+      index[n] = -1;
+    }
+    return;
+  }
 
   for (int64_t t = warp; t < num_thresholds; t += kWarpsPerBlock) {
     const scalar_t* row = logits + (n * num_thresholds + t) * num_classes;

@@ -1,44 +1,20 @@
-"""The kernel front door: one function per fused op, each picking a backend.
+"""The kernel front door: one function per fused op.
 
-``backend="auto"`` runs the compiled C++ op (``fastxai._C``) for CPU tensors when the extension is
-loaded, and the pure-PyTorch reference (``fastxai.ops.reference``) otherwise; ``"torch"`` forces
-the reference, ``"cpp"`` forces the extension. ``FASTXAI_DISABLE_EXT=1`` makes the package behave
-as if the extension were absent.
+Each picks its implementation with :func:`fastxai.ops._dispatch.choose_backend`: ``"auto"``
+runs the compiled kernels where they exist (C++ on the CPU; C++ CUDA or Triton on a GPU) and the
+pure-PyTorch reference (:mod:`fastxai.ops.reference`) otherwise; ``"cpp"``, ``"triton"`` and
+``"torch"`` force one. ``FASTXAI_DISABLE_EXT=1`` makes the package behave as if the extension
+were absent.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 import torch
 from torch import Tensor
 
 from fastxai.ops import reference
-from fastxai.ops._extension import extension_status, has_extension
-
-Backend = Literal["auto", "torch", "cpp"]
-
-
-def _use_cpp(t: Tensor, backend: Backend) -> bool:
-    if backend == "torch":
-        return False
-    if backend == "cpp":
-        if not has_extension():
-            raise RuntimeError(f"backend='cpp' requested but {extension_status()}")
-        return True
-    if backend != "auto":
-        raise ValueError(f"backend must be 'auto', 'torch' or 'cpp', got {backend!r}")
-    if torch.is_grad_enabled() and t.requires_grad:
-        return False  # the C++ scale_maps has no backward yet; the reference is differentiable
-    return (
-        has_extension()
-        and t.device.type == "cpu"
-        and t.dtype
-        in (
-            torch.float32,
-            torch.float64,
-        )
-    )
+from fastxai.ops._dispatch import Backend, choose_backend
+from fastxai.ops._extension import extension_status, has_extension  # noqa: F401
 
 
 def scale_maps(raw: Tensor, size: tuple[int, int], *, backend: Backend = "auto") -> Tensor:
@@ -48,7 +24,7 @@ def scale_maps(raw: Tensor, size: tuple[int, int], *, backend: Backend = "auto")
     steps into one pass per map.
     """
     height, width = int(size[0]), int(size[1])
-    if _use_cpp(raw, backend):
+    if choose_backend("scale_maps", (raw,), backend) == "cpp":
         return torch.ops.fastxai.scale_maps(raw, height, width)
     return reference.scale_maps(raw, height, width)
 

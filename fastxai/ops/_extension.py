@@ -25,7 +25,19 @@ def has_extension() -> bool:
 
 
 def extension_status() -> str:
-    """A one-line description of the active kernel path, for logs and the CLI."""
-    if _EXTENSION_LOADED:
-        return "fastxai._C loaded (C++ CPU kernels)"
-    return f"pure-PyTorch reference ops ({_EXTENSION_ERROR})"
+    """One line naming the kernels ``backend="auto"`` runs on each device, for logs and the CLI."""
+    import importlib.util
+
+    import torch
+
+    triton = importlib.util.find_spec("triton") is not None
+    if not _EXTENSION_LOADED:
+        gpu = "Triton kernels" if triton else "the PyTorch reference"
+        return (
+            f"fastxai._C not loaded ({_EXTENSION_ERROR}): CPU: the PyTorch reference; CUDA: {gpu}"
+        )
+    if torch._C._dispatch_has_kernel_for_dispatch_key("fastxai::scale_maps", "CUDA"):
+        gpu = "C++ CUDA kernels"
+    else:
+        gpu = "Triton kernels (fastxai._C built without CUDA)" if triton else "the reference"
+    return f"fastxai._C loaded: CPU: C++ kernels; CUDA: {gpu}"

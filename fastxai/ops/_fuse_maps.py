@@ -16,45 +16,10 @@ import torch
 from torch import Tensor
 
 from fastxai.ops import reference
-from fastxai.ops._extension import has_extension
+from fastxai.ops._dispatch import CPP_OPS, Backend, choose_backend
 from fastxai.ops._fuse_maps_checks import FUSIONS, fuse_maps_fake
 
-Backend = Literal["auto", "cpp", "triton", "torch"]
 Fusion = Literal["mean", "tanh"]
-
-_KERNEL_DTYPES = (torch.float32, torch.float64)
-
-# Looked up once: torch.compile cannot trace the dispatcher query. (An extension built before
-# this op existed loads without it.)
-_HAS_CPP_OP = has_extension() and hasattr(torch.ops.fastxai, "fuse_maps")
-_HAS_CUDA_KERNEL = _HAS_CPP_OP and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "fastxai::fuse_maps", "CUDA"
-)
-
-
-def _choose_backend(raws: Sequence[Tensor], backend: Backend) -> str:
-    if backend in ("torch", "triton"):
-        return backend
-    if backend == "cpp":
-        if not _HAS_CPP_OP:
-            raise RuntimeError("fuse_maps: backend='cpp' requested but fastxai._C does not have it")
-        return "cpp"
-    if backend != "auto":
-        raise ValueError(
-            f"fuse_maps: backend must be 'auto', 'cpp', 'triton' or 'torch', got {backend!r}"
-        )
-    first = raws[0]
-    if first.dtype not in _KERNEL_DTYPES or any(
-        r.dtype != first.dtype or r.device != first.device for r in raws
-    ):
-        return "torch"
-    if torch.is_grad_enabled() and any(r.requires_grad for r in raws):
-        return "torch"
-    if first.device.type == "cpu":
-        return "cpp" if _HAS_CPP_OP else "torch"
-    if first.device.type == "cuda":
-        return "cpp" if _HAS_CUDA_KERNEL else "triton"
-    return "torch"
 
 
 def fuse_maps(
@@ -78,7 +43,7 @@ def fuse_maps(
     if fusion not in FUSIONS:
         raise ValueError(f"fusion must be 'mean' or 'tanh', got {fusion!r}")
     height, width = int(size[0]), int(size[1])
-    chosen = _choose_backend(raws, backend)
+    chosen = choose_backend("fuse_maps", raws, backend)
     if chosen == "cpp":
         return torch.ops.fastxai.fuse_maps(raws, height, width, fusion)
     if chosen == "triton":
@@ -88,5 +53,5 @@ def fuse_maps(
     return reference.fuse_maps(raws, height, width, fusion)
 
 
-if _HAS_CPP_OP:
+if CPP_OPS["fuse_maps"]:
     torch.library.register_fake("fastxai::fuse_maps")(fuse_maps_fake)

@@ -9,50 +9,15 @@ pure-PyTorch reference for anything else (other dtypes or devices, no extension)
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
 
 from fastxai.ops import reference
+from fastxai.ops._dispatch import Backend, choose_backend
 from fastxai.ops._extension import has_extension
 
-KernelBackend = Literal["auto", "cpp", "triton", "torch"]
 
-_KERNEL_DTYPES = (torch.float32, torch.float64)
-
-
-def _has_cuda_kernel(op: str) -> bool:
-    return has_extension() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"fastxai::{op}", "CUDA"
-    )
-
-
-# Looked up once: torch.compile cannot trace the dispatcher query.
-_CUDA_KERNELS = {op: _has_cuda_kernel(op) for op in ("layercam", "mask_priors")}
-
-
-def _choose_backend(op: str, t: Tensor, backend: KernelBackend) -> str:
-    if backend in ("torch", "triton"):
-        return backend
-    if backend == "cpp":
-        if not has_extension():
-            raise RuntimeError(f"{op}: backend='cpp' requested but fastxai._C is not loaded")
-        return "cpp"
-    if backend != "auto":
-        raise ValueError(
-            f"{op}: backend must be 'auto', 'cpp', 'triton' or 'torch', got {backend!r}"
-        )
-    if t.dtype not in _KERNEL_DTYPES:
-        return "torch"
-    if t.device.type == "cpu":
-        return "cpp" if has_extension() else "torch"
-    if t.device.type == "cuda":
-        return "cpp" if _CUDA_KERNELS[op] else "triton"
-    return "torch"
-
-
-def layercam(gradient: Tensor, activation: Tensor, *, backend: KernelBackend = "auto") -> Tensor:
+def layercam(gradient: Tensor, activation: Tensor, *, backend: Backend = "auto") -> Tensor:
     r"""Layer-CAM's raw map :math:`M = \mathrm{ReLU}(\sum_k \mathrm{ReLU}(g_k) \odot A_k)`.
 
     ``gradient`` (:math:`g = \partial y / \partial A`) and ``activation`` (:math:`A`) are
@@ -61,7 +26,7 @@ def layercam(gradient: Tensor, activation: Tensor, *, backend: KernelBackend = "
     :math:`\partial L/\partial g_k = G [M > 0] [g_k > 0] A_k` and
     :math:`\partial L/\partial A_k = G [M > 0] \mathrm{ReLU}(g_k)`.
     """
-    chosen = _choose_backend("layercam", gradient, backend)
+    chosen = choose_backend("layercam", (gradient, activation), backend)
     if chosen == "cpp":
         return torch.ops.fastxai.layercam(gradient, activation)
     if chosen == "triton":
@@ -71,7 +36,7 @@ def layercam(gradient: Tensor, activation: Tensor, *, backend: KernelBackend = "
     return reference.layercam(gradient, activation)
 
 
-def mask_priors(p: Tensor, neighbours: int = 4, *, backend: KernelBackend = "auto") -> Tensor:
+def mask_priors(p: Tensor, neighbours: int = 4, *, backend: Backend = "auto") -> Tensor:
     r"""Per-sample mask priors ``(N, 3)``: [area, binarisation, total variation] of ``p``.
 
     For masks ``p`` of shape ``(N, C, H, W)`` (usually ``C = 1``), each a mean over the sample:
@@ -82,7 +47,7 @@ def mask_priors(p: Tensor, neighbours: int = 4, *, backend: KernelBackend = "aut
     Per-sample terms, so callers weigh and reduce them (``torch.func.grad`` cannot see through
     the custom op; use ``.backward()`` or ``torch.autograd.grad``).
     """
-    chosen = _choose_backend("mask_priors", p, backend)
+    chosen = choose_backend("mask_priors", (p,), backend)
     if chosen == "cpp":
         return torch.ops.fastxai.mask_priors(p, neighbours)
     if chosen == "triton":

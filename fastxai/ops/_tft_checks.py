@@ -121,6 +121,18 @@ def check_select_inputs(op: str, logits: Tensor, classes: Tensor, original: Tens
     return rows // n
 
 
+def check_classes_in_range(op: str, classes: Tensor, num_classes: int) -> None:
+    """Every class in ``[0, num_classes)``, with the C++ CPU kernel's message; reads the values
+    (one device sync), so front doors call it in eager mode only."""
+    bad = (classes < 0) | (classes >= num_classes)
+    if classes.numel() and bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise RuntimeError(
+            f"{op}: classes[{first}] = {int(classes[first])} is out of range for "
+            f"{num_classes} classes"
+        )
+
+
 def tft_ladder_fake(
     raw: Tensor, images: Tensor, thresholds: Tensor, threshold_mode: str, mask_kind: str
 ) -> tuple[Tensor, Tensor]:

@@ -4,11 +4,8 @@
 * :func:`tft_mask`: the same batch from maps already at input resolution (TFT on any maps);
 * :func:`rpi_select`: the ladder's logits -> the RPI curve and the selected threshold.
 
-Backends: ``"auto"`` runs the C++ kernel for CPU tensors when ``fastxai._C`` is loaded, the CUDA
-kernel for CUDA tensors when the extension was built with it and Triton otherwise, and the
-pure-PyTorch reference for anything else (other or mixed dtypes, other devices, inputs that
-require grad: these ops have no backward, the reference is differentiable). ``"cpp"``,
-``"triton"`` and ``"torch"`` force one.
+Backends: :func:`fastxai.ops._dispatch.choose_backend` (these kernels have no backward: inputs
+that require grad run the differentiable reference).
 """
 
 from __future__ import annotations
@@ -20,8 +17,9 @@ import torch
 from torch import Tensor
 
 from fastxai.ops import reference
-from fastxai.ops._extension import has_extension
+from fastxai.ops._dispatch import CPP_OPS, Backend, choose_backend
 from fastxai.ops._tft_checks import (
+    check_classes_in_range,
     check_ladder_inputs,
     check_ladder_out,
     check_select_inputs,
@@ -30,52 +28,9 @@ from fastxai.ops._tft_checks import (
     tft_mask_fake,
 )
 
-Backend = Literal["auto", "cpp", "triton", "torch"]
+TFT_OPS = ("tft_ladder", "tft_ladder_out", "tft_mask", "rpi_select")
 Mode = Literal["value", "percentile"]
 MaskKind = Literal["binary", "soft"]
-
-_KERNEL_DTYPES = (torch.float32, torch.float64)
-_OPS = ("tft_ladder", "tft_ladder_out", "tft_mask", "rpi_select")
-
-
-def _has_cpp_op(op: str) -> bool:
-    return has_extension() and hasattr(torch.ops.fastxai, op)
-
-
-def _has_cuda_kernel(op: str) -> bool:
-    return _has_cpp_op(op) and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"fastxai::{op}", "CUDA"
-    )
-
-
-# Looked up once: torch.compile cannot trace the dispatcher query. (An extension built before
-# these ops existed loads without them.)
-_CPP_OPS = {op: _has_cpp_op(op) for op in _OPS}
-_CUDA_KERNELS = {op: _has_cuda_kernel(op) for op in _OPS}
-
-
-def _choose_backend(op: str, tensors: Sequence[Tensor], backend: Backend) -> str:
-    """``tensors``: the floating-point inputs that must share one kernel dtype and device."""
-    if backend in ("torch", "triton"):
-        return backend
-    if backend == "cpp":
-        if not _CPP_OPS[op]:
-            raise RuntimeError(f"{op}: backend='cpp' requested but fastxai._C does not have it")
-        return "cpp"
-    if backend != "auto":
-        raise ValueError(
-            f"{op}: backend must be 'auto', 'cpp', 'triton' or 'torch', got {backend!r}"
-        )
-    first = tensors[0]
-    if first.dtype not in _KERNEL_DTYPES or any(t.dtype != first.dtype for t in tensors):
-        return "torch"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return "torch"
-    if first.device.type == "cpu":
-        return "cpp" if _CPP_OPS[op] else "torch"
-    if first.device.type == "cuda":
-        return "cpp" if _CUDA_KERNELS[op] else "triton"
-    return "torch"
 
 
 def _as_thresholds(thresholds: Tensor | Sequence[float], images: Tensor) -> Tensor:
@@ -131,7 +86,7 @@ def tft_ladder(
     """
     _check_options(mode, mask)
     thresholds = _as_thresholds(thresholds, images)
-    chosen = _choose_backend("tft_ladder", (raw, images), backend)
+    chosen = choose_backend("tft_ladder", (raw, images), backend)
     if chosen == "cpp":
         if out is None:
             return torch.ops.fastxai.tft_ladder(raw, images, thresholds, mode, mask)
@@ -181,7 +136,7 @@ def tft_mask(
     """
     _check_options(mode, mask)
     thresholds = _as_thresholds(thresholds, images)
-    chosen = _choose_backend("tft_mask", (maps, images), backend)
+    chosen = choose_backend("tft_mask", (maps, images), backend)
     if chosen == "cpp":
         return torch.ops.fastxai.tft_mask(maps, images, thresholds, mode, mask)
     if chosen == "triton":
@@ -207,18 +162,20 @@ def rpi_select(
     .. math:: \mathrm{RPI}_{n,t} = \max(p_{n,t} - p^0_n, 0) / p^0_n
 
     Returns ``(rpi, index)``: ``(N, T)`` and the first :math:`\arg\max_t` ``(N,)`` int64, -1
-    when no threshold raised the probability (every RPI is 0: no muting, SPEC A.2). The kernels
+    when no threshold raised the probability (every RPI is 0: no muting). A class outside
+    ``[0, K)`` raises the same RuntimeError on every backend (in eager mode). The kernels
     compute the max-subtracted softmax per row without materialising the probabilities.
     """
-    chosen = _choose_backend("rpi_select", (logits, original), backend)
+    chosen = choose_backend("rpi_select", (logits, original), backend)
+    if not torch.compiler.is_compiling():  # the same error from every backend
+        check_select_inputs("rpi_select", logits, classes, original)
+        check_classes_in_range("rpi_select", classes, logits.shape[1])
     if chosen == "cpp":
         return torch.ops.fastxai.rpi_select(logits, classes, original)
     if chosen == "triton":
         from fastxai.ops.triton.rpi_select import rpi_select_triton
 
         return rpi_select_triton(logits, classes, original)
-    if not torch.compiler.is_compiling():
-        check_select_inputs("rpi_select", logits, classes, original)
     return reference.rpi_select(logits, classes, original)
 
 
@@ -237,5 +194,5 @@ def _register_cpp_fakes() -> None:
         return logits.new_empty((n, t)), classes.new_empty((n,))
 
 
-if all(_CPP_OPS.values()):
+if all(CPP_OPS[op] for op in TFT_OPS):
     _register_cpp_fakes()

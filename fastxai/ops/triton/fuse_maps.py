@@ -19,6 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastxai.ops._fuse_maps_checks import check_fuse_maps_inputs, fuse_maps_fake
+from fastxai.ops.triton._launch import image_and_block, on_device_of
 from fastxai.ops.triton.tft_ladder import MINMAX_EPS, _block, _divide, _upsampled
 
 _RANGE_FIELDS = 5  # low_lo, low_den, up_lo, up_den, peak
@@ -122,8 +123,7 @@ def _fuse_kernel(
 ):
     """The fused value before the final min-max at one block of pixels of one image, and the
     block's (min, max)."""
-    n = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1)
+    n, b = image_and_block(blocks)
     out_pixels = out_h * out_w
     pixel = b * BLOCK + tl.arange(0, BLOCK)
     valid = pixel < out_pixels
@@ -162,8 +162,7 @@ def _rescale_kernel(
     BLOCKS: tl.constexpr,
 ):
     """min-max of one block of pixels of one image, with the range merged from its blocks."""
-    n = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1)
+    n, b = image_and_block(blocks)
     k = tl.arange(0, BLOCKS)
     live = k < blocks
     block_lo = tl.load(partial_ptr + (n * blocks + k) * 2 + 0, mask=live, other=0.0)
@@ -180,73 +179,76 @@ def _rescale_kernel(
 @torch.library.custom_op("fastxai::fuse_maps_triton", mutates_args=())
 def fuse_maps_triton(raws: list[Tensor], height: int, width: int, fusion: str) -> Tensor:
     """Triton ``fuse_maps``: ``(N, h_l, w_l)`` maps of L layers -> ``(N, height, width)``."""
-    check_fuse_maps_inputs(raws, height, width, fusion)
-    first = raws[0]
-    torch._check(
-        first.dtype in (torch.float32, torch.float64),
-        lambda: f"fuse_maps: Triton takes float32 or float64 maps, got {first.dtype}",
-    )
-    n = first.shape[0]
-    out = first.new_empty((n, height, width))
-    if n == 0:
-        return out
-    f64 = first.dtype == torch.float64
-    tanh = fusion == "tanh"
-    pixels = height * width
-    block = _block(first, pixels)
-    flats = [r.contiguous().view(-1) for r in raws]
-    flat = torch.cat(flats)
-    starts = [0]
-    for f in flats[:-1]:
-        starts.append(starts[-1] + f.numel())
-    offsets = torch.tensor(starts, dtype=torch.int64, device=first.device)
-    sizes = torch.tensor(
-        [s for r in raws for s in (r.shape[1], r.shape[2])], dtype=torch.int32, device=first.device
-    )
-    ranges = first.new_zeros((len(raws), n, _RANGE_FIELDS))
-    for index, raw in enumerate(raws):
-        _layer_range_kernel[(n,)](
-            flat[starts[index] :],
-            ranges[index],
-            raw.shape[1],
-            raw.shape[2],
+    with on_device_of(*raws):
+        check_fuse_maps_inputs(raws, height, width, fusion)
+        first = raws[0]
+        torch._check(
+            first.dtype in (torch.float32, torch.float64),
+            lambda: f"fuse_maps: Triton takes float32 or float64 maps, got {first.dtype}",
+        )
+        n = first.shape[0]
+        out = first.new_empty((n, height, width))
+        if n == 0:
+            return out
+        f64 = first.dtype == torch.float64
+        tanh = fusion == "tanh"
+        pixels = height * width
+        block = _block(first, pixels)
+        flats = [r.contiguous().view(-1) for r in raws]
+        flat = torch.cat(flats)
+        starts = [0]
+        for f in flats[:-1]:
+            starts.append(starts[-1] + f.numel())
+        offsets = torch.tensor(starts, dtype=torch.int64, device=first.device)
+        sizes = torch.tensor(
+            [s for r in raws for s in (r.shape[1], r.shape[2])],
+            dtype=torch.int32,
+            device=first.device,
+        )
+        ranges = first.new_zeros((len(raws), n, _RANGE_FIELDS))
+        for index, raw in enumerate(raws):
+            _layer_range_kernel[(n,)](
+                flat[starts[index] :],
+                ranges[index],
+                raw.shape[1],
+                raw.shape[2],
+                height,
+                width,
+                EPS=MINMAX_EPS,
+                UP_RANGE=tanh,
+                F64=f64,
+                BLOCK_LOW=_block(first, raw.shape[1] * raw.shape[2]),
+                BLOCK=block,
+            )
+        blocks = triton.cdiv(pixels, block)
+        partials = first.new_empty((n, blocks, 2))
+        _fuse_kernel[(n * blocks,)](
+            flat,
+            offsets,
+            sizes,
+            ranges,
+            out,
+            partials,
+            n,
             height,
             width,
-            EPS=MINMAX_EPS,
-            UP_RANGE=tanh,
+            len(raws),
+            blocks,
+            TANH=tanh,
             F64=f64,
-            BLOCK_LOW=_block(first, raw.shape[1] * raw.shape[2]),
             BLOCK=block,
         )
-    blocks = triton.cdiv(pixels, block)
-    partials = first.new_empty((n, blocks, 2))
-    _fuse_kernel[(n, blocks)](
-        flat,
-        offsets,
-        sizes,
-        ranges,
-        out,
-        partials,
-        n,
-        height,
-        width,
-        len(raws),
-        blocks,
-        TANH=tanh,
-        F64=f64,
-        BLOCK=block,
-    )
-    _rescale_kernel[(n, blocks)](
-        out,
-        partials,
-        pixels,
-        blocks,
-        EPS=MINMAX_EPS,
-        F64=f64,
-        BLOCK=block,
-        BLOCKS=triton.next_power_of_2(blocks),
-    )
-    return out
+        _rescale_kernel[(n * blocks,)](
+            out,
+            partials,
+            pixels,
+            blocks,
+            EPS=MINMAX_EPS,
+            F64=f64,
+            BLOCK=block,
+            BLOCKS=triton.next_power_of_2(blocks),
+        )
+        return out
 
 
 fuse_maps_triton.register_fake(fuse_maps_fake)

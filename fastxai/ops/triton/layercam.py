@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastxai.ops.triton._launch import on_device_of
+
 # (channels, pixels) per program. The interpreter (CPU tensors) pays per program, so it gets one
 # large block; GPUs get many small ones.
 _GPU_BLOCK = (16, 128)
@@ -121,27 +123,28 @@ def layercam_triton(gradient: Tensor, activation: Tensor) -> Tensor:
 
     ``(N, C, h, w)`` twice -> ``(N, h, w)``.
     """
-    _check_inputs(gradient, activation)
-    images, channels, height, width = gradient.shape
-    out = gradient.new_empty((images, height, width))
-    if out.numel() == 0:
+    with on_device_of(gradient):
+        _check_inputs(gradient, activation)
+        images, channels, height, width = gradient.shape
+        out = gradient.new_empty((images, height, width))
+        if out.numel() == 0:
+            return out
+        block_c, block_p = _blocks(gradient)
+        block_p = min(block_p, triton.next_power_of_2(height * width))
+        grid = (images, triton.cdiv(height * width, block_p))
+        _layercam_forward_kernel[grid](
+            gradient,
+            activation,
+            out,
+            channels,
+            width,
+            height * width,
+            *gradient.stride(),
+            *activation.stride(),
+            BLOCK_C=block_c,
+            BLOCK_P=block_p,
+        )
         return out
-    block_c, block_p = _blocks(gradient)
-    block_p = min(block_p, triton.next_power_of_2(height * width))
-    grid = (images, triton.cdiv(height * width, block_p))
-    _layercam_forward_kernel[grid](
-        gradient,
-        activation,
-        out,
-        channels,
-        width,
-        height * width,
-        *gradient.stride(),
-        *activation.stride(),
-        BLOCK_C=block_c,
-        BLOCK_P=block_p,
-    )
-    return out
 
 
 @layercam_triton.register_fake
@@ -155,32 +158,33 @@ def layercam_backward_triton(
     grad_map: Tensor, gradient: Tensor, activation: Tensor, map: Tensor
 ) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`layercam_triton` with respect to ``gradient`` and ``activation``."""
-    _check_inputs(gradient, activation)
-    images, channels, height, width = gradient.shape
-    grad_gradient = gradient.new_empty(gradient.shape)
-    grad_activation = gradient.new_empty(gradient.shape)
-    if grad_gradient.numel() == 0:
+    with on_device_of(grad_map):
+        _check_inputs(gradient, activation)
+        images, channels, height, width = gradient.shape
+        grad_gradient = gradient.new_empty(gradient.shape)
+        grad_activation = gradient.new_empty(gradient.shape)
+        if grad_gradient.numel() == 0:
+            return grad_gradient, grad_activation
+        block_c, block_p = _blocks(gradient)
+        block_p = min(block_p, triton.next_power_of_2(height * width))
+        block_c = min(block_c, triton.next_power_of_2(channels))
+        grid = (images, triton.cdiv(height * width, block_p), triton.cdiv(channels, block_c))
+        _layercam_backward_kernel[grid](
+            grad_map.contiguous(),
+            map.contiguous(),
+            gradient,
+            activation,
+            grad_gradient,
+            grad_activation,
+            channels,
+            width,
+            height * width,
+            *gradient.stride(),
+            *activation.stride(),
+            BLOCK_C=block_c,
+            BLOCK_P=block_p,
+        )
         return grad_gradient, grad_activation
-    block_c, block_p = _blocks(gradient)
-    block_p = min(block_p, triton.next_power_of_2(height * width))
-    block_c = min(block_c, triton.next_power_of_2(channels))
-    grid = (images, triton.cdiv(height * width, block_p), triton.cdiv(channels, block_c))
-    _layercam_backward_kernel[grid](
-        grad_map.contiguous(),
-        map.contiguous(),
-        gradient,
-        activation,
-        grad_gradient,
-        grad_activation,
-        channels,
-        width,
-        height * width,
-        *gradient.stride(),
-        *activation.stride(),
-        BLOCK_C=block_c,
-        BLOCK_P=block_p,
-    )
-    return grad_gradient, grad_activation
 
 
 @layercam_backward_triton.register_fake

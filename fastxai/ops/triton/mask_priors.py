@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastxai.ops.triton._launch import image_and_block, on_device_of
+
 # (rows, columns) per tile. The interpreter (CPU tensors) pays per program: one large tile.
 _GPU_TILE = (16, 64)
 _INTERPRETER_TILE = (64, 128)
@@ -48,6 +50,7 @@ def _mask_priors_forward_kernel(
     channels,
     height,
     width,
+    tiles,
     stride_n,
     stride_c,
     stride_h,
@@ -56,9 +59,8 @@ def _mask_priors_forward_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
-    plane = tl.program_id(0).to(tl.int64)
+    plane, tile = image_and_block(tiles)
     tiles_w = tl.cdiv(width, BLOCK_W)
-    tile = tl.program_id(1)
     y = ((tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H))[:, None]
     x = ((tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W))[None, :]
     plane_ptr = p_ptr + (plane // channels) * stride_n + (plane % channels) * stride_c
@@ -67,7 +69,7 @@ def _mask_priors_forward_kernel(
     down = _neighbour(plane_ptr, y, x, 1, 0, height, width, stride_h, stride_w, centre)
     right = _neighbour(plane_ptr, y, x, 0, 1, height, width, stride_h, stride_w, centre)
 
-    out = partial_ptr + (plane * tl.num_programs(1) + tile) * 6
+    out = partial_ptr + (plane * tiles + tile) * 6
     tl.store(out, tl.sum(tl.sum(centre, 1), 0))
     tl.store(out + 1, tl.sum(tl.sum(centre * (1 - centre), 1), 0))
     tl.store(out + 2, tl.sum(tl.sum(tl.abs(down - centre), 1), 0))
@@ -90,6 +92,7 @@ def _mask_priors_backward_kernel(
     channels,
     height,
     width,
+    tiles,
     stride_n,
     stride_c,
     stride_h,
@@ -98,10 +101,9 @@ def _mask_priors_backward_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_W: tl.constexpr,
 ):
-    plane = tl.program_id(0).to(tl.int64)
+    plane, tile = image_and_block(tiles)
     sample = plane // channels
     tiles_w = tl.cdiv(width, BLOCK_W)
-    tile = tl.program_id(1)
     y = ((tile // tiles_w) * BLOCK_H + tl.arange(0, BLOCK_H))[:, None]
     x = ((tile % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W))[None, :]
     plane_ptr = p_ptr + sample * stride_n + (plane % channels) * stride_c
@@ -168,26 +170,28 @@ def _tiles(p: Tensor) -> tuple[int, int, int]:
 @torch.library.custom_op("fastxai::mask_priors_triton", mutates_args=())
 def mask_priors_triton(p: Tensor, neighbours: int = 4) -> Tensor:
     """Per-sample ``[area, binarisation, tv]`` ``(N, 3)`` of masks ``p`` ``(N, C, H, W)``."""
-    _check_inputs(p, neighbours)
-    samples, channels, height, width = p.shape
-    if samples == 0:
-        return p.new_empty((0, 3))
-    block_h, block_w, tiles = _tiles(p)
-    partial = p.new_empty((samples * channels, tiles, _PARTIAL_SUMS))
-    _mask_priors_forward_kernel[(samples * channels, tiles)](
-        p,
-        partial,
-        channels,
-        height,
-        width,
-        *p.stride(),
-        EIGHT=neighbours == 8,
-        BLOCK_H=block_h,
-        BLOCK_W=block_w,
-    )
-    sums = partial.view(samples, channels * tiles, _PARTIAL_SUMS).sum(1)
-    weighted = sums * torch.tensor(_sum_scales(p, neighbours), dtype=p.dtype, device=p.device)
-    return torch.stack([weighted[:, 0], weighted[:, 1], weighted[:, 2:].sum(1)], 1)
+    with on_device_of(p):
+        _check_inputs(p, neighbours)
+        samples, channels, height, width = p.shape
+        if samples == 0:
+            return p.new_empty((0, 3))
+        block_h, block_w, tiles = _tiles(p)
+        partial = p.new_empty((samples * channels, tiles, _PARTIAL_SUMS))
+        _mask_priors_forward_kernel[(samples * channels * tiles,)](
+            p,
+            partial,
+            channels,
+            height,
+            width,
+            tiles,
+            *p.stride(),
+            EIGHT=neighbours == 8,
+            BLOCK_H=block_h,
+            BLOCK_W=block_w,
+        )
+        sums = partial.view(samples, channels * tiles, _PARTIAL_SUMS).sum(1)
+        weighted = sums * torch.tensor(_sum_scales(p, neighbours), dtype=p.dtype, device=p.device)
+        return torch.stack([weighted[:, 0], weighted[:, 1], weighted[:, 2:].sum(1)], 1)
 
 
 @mask_priors_triton.register_fake
@@ -199,28 +203,30 @@ def _mask_priors_triton_fake(p: Tensor, neighbours: int = 4) -> Tensor:
 @torch.library.custom_op("fastxai::mask_priors_backward_triton", mutates_args=())
 def mask_priors_backward_triton(grad_terms: Tensor, p: Tensor, neighbours: int) -> Tensor:
     """dL/dp of :func:`mask_priors_triton` from ``grad_terms`` ``(N, 3)``."""
-    _check_inputs(p, neighbours)
-    samples, channels, height, width = p.shape
-    grad_p = p.new_empty(p.shape)
-    if samples == 0:
+    with on_device_of(grad_terms):
+        _check_inputs(p, neighbours)
+        samples, channels, height, width = p.shape
+        grad_p = p.new_empty(p.shape)
+        if samples == 0:
+            return grad_p
+        block_h, block_w, tiles = _tiles(p)
+        # Per sample: [area, binarisation, vertical, horizontal, diagonal, anti-diagonal] factors.
+        scales = torch.tensor(_sum_scales(p, neighbours), dtype=p.dtype, device=p.device)
+        factors = (grad_terms[:, [0, 1, 2, 2, 2, 2]] * scales).contiguous()
+        _mask_priors_backward_kernel[(samples * channels * tiles,)](
+            p,
+            factors,
+            grad_p,
+            channels,
+            height,
+            width,
+            tiles,
+            *p.stride(),
+            EIGHT=neighbours == 8,
+            BLOCK_H=block_h,
+            BLOCK_W=block_w,
+        )
         return grad_p
-    block_h, block_w, tiles = _tiles(p)
-    # Per sample: [area, binarisation, vertical, horizontal, diagonal, anti-diagonal] factors.
-    scales = torch.tensor(_sum_scales(p, neighbours), dtype=p.dtype, device=p.device)
-    factors = (grad_terms[:, [0, 1, 2, 2, 2, 2]] * scales).contiguous()
-    _mask_priors_backward_kernel[(samples * channels, tiles)](
-        p,
-        factors,
-        grad_p,
-        channels,
-        height,
-        width,
-        *p.stride(),
-        EIGHT=neighbours == 8,
-        BLOCK_H=block_h,
-        BLOCK_W=block_w,
-    )
-    return grad_p
 
 
 @mask_priors_backward_triton.register_fake

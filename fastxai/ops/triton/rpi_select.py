@@ -14,6 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastxai.ops._tft_checks import check_select_inputs
+from fastxai.ops.triton._launch import on_device_of
 
 # Logits per load. The interpreter (CPU tensors) pays per step, so it gets large blocks.
 _GPU_BLOCK = 1024
@@ -77,35 +78,28 @@ def _rpi_select_kernel(
 @torch.library.custom_op("fastxai::rpi_select_triton", mutates_args=())
 def rpi_select_triton(logits: Tensor, classes: Tensor, original: Tensor) -> tuple[Tensor, Tensor]:
     """RPI curve ``(N, T)`` and the selected threshold ``(N,)`` (-1: none) of ladder logits."""
-    thresholds = check_select_inputs("rpi_select", logits, classes, original)
-    n = classes.shape[0]
-    rpi = logits.new_empty((n, thresholds))
-    index = classes.new_empty((n,))
-    if n == 0:
+    with on_device_of(logits):
+        thresholds = check_select_inputs("rpi_select", logits, classes, original)
+        n = classes.shape[0]
+        rpi = logits.new_empty((n, thresholds))
+        index = classes.new_empty((n,))
+        if n == 0:
+            return rpi, index
+        num_classes = logits.shape[1]
+        cap = _INTERPRETER_BLOCK if logits.device.type == "cpu" else _GPU_BLOCK
+        block = min(cap, triton.next_power_of_2(max(num_classes, 1)))
+        _rpi_select_kernel[(n,)](
+            logits.contiguous(),
+            classes.contiguous(),
+            original.contiguous(),
+            rpi,
+            index,
+            thresholds,
+            num_classes,
+            F64=logits.dtype == torch.float64,
+            BLOCK=block,
+        )
         return rpi, index
-    num_classes = logits.shape[1]
-    if classes.device.type == "cpu":
-        bad = (classes < 0) | (classes >= num_classes)
-        if bool(bad.any()):
-            first = int(bad.nonzero()[0, 0])
-            raise RuntimeError(
-                f"rpi_select: classes[{first}] = {int(classes[first])} is out of range for "
-                f"{num_classes} classes"
-            )
-    cap = _INTERPRETER_BLOCK if logits.device.type == "cpu" else _GPU_BLOCK
-    block = min(cap, triton.next_power_of_2(max(num_classes, 1)))
-    _rpi_select_kernel[(n,)](
-        logits.contiguous(),
-        classes.contiguous(),
-        original.contiguous(),
-        rpi,
-        index,
-        thresholds,
-        num_classes,
-        F64=logits.dtype == torch.float64,
-        BLOCK=block,
-    )
-    return rpi, index
 
 
 @rpi_select_triton.register_fake

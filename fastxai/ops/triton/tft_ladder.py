@@ -27,6 +27,7 @@ from fastxai.ops._tft_checks import (
     tft_ladder_out_fake,
     tft_mask_fake,
 )
+from fastxai.ops.triton._launch import image_and_block, on_device_of
 
 MINMAX_EPS = 1e-7
 
@@ -127,13 +128,18 @@ def _map_range_kernel(
 
     low_lo = tl.full([], float("inf"), dtype)
     low_hi = tl.full([], float("-inf"), dtype)
+    nans = tl.zeros([], tl.int32)
     for start in range(0, in_pixels, BLOCK_LOW):
         offset = start + tl.arange(0, BLOCK_LOW)
         valid = offset < in_pixels
         value = tl.load(raw + offset, mask=valid, other=0.0)
         value = tl.where(value < 0, 0.0, value)
+        nans += tl.sum((valid & (value != value)).to(tl.int32), axis=0)
         low_lo = tl.minimum(low_lo, tl.min(tl.where(valid, value, float("inf")), axis=0))
         low_hi = tl.maximum(low_hi, tl.max(tl.where(valid, value, float("-inf")), axis=0))
+    # tl.min / tl.max skip NaN; the reference's amin / amax (and the C++ kernels) return it,
+    # which makes the whole map NaN
+    low_lo = tl.where(nans > 0, float("nan"), low_lo)
     low_den = (low_hi - low_lo) + EPS
 
     up_lo = tl.full([], float("inf"), dtype)
@@ -150,7 +156,7 @@ def _map_range_kernel(
     tl.store(range_ptr + n * 4 + 3, (up_hi - up_lo) + EPS)
 
 
-@triton.jit(do_not_specialize=["in_h", "in_w", "out_h", "out_w"])
+@triton.jit(do_not_specialize=["in_h", "in_w", "out_h", "out_w", "blocks"])
 def _map_kernel(
     raw_ptr,
     range_ptr,
@@ -159,13 +165,14 @@ def _map_kernel(
     in_w,
     out_h,
     out_w,
+    blocks,
     F64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """The map mm(up(mm(relu(raw)))) for one block of pixels of one image."""
-    n = tl.program_id(0).to(tl.int64)
+    n, b = image_and_block(blocks)
     out_pixels = out_h * out_w
-    pixel = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    pixel = b * BLOCK + tl.arange(0, BLOCK)
     valid = pixel < out_pixels
     low_lo = tl.load(range_ptr + n * 4 + 0)
     low_den = tl.load(range_ptr + n * 4 + 1)
@@ -176,7 +183,7 @@ def _map_kernel(
     tl.store(map_ptr + n * out_pixels + pixel, _divide(value - up_lo, up_den, F64), mask=valid)
 
 
-@triton.jit(do_not_specialize=["thresholds", "channels", "pixels"])
+@triton.jit(do_not_specialize=["thresholds", "channels", "pixels", "blocks"])
 def _mask_kernel(
     map_ptr,
     image_ptr,
@@ -187,13 +194,14 @@ def _mask_kernel(
     thresholds,
     channels,
     pixels,
+    blocks,
     PERCENTILE: tl.constexpr,
     SOFT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """T * C output rows of one block of pixels of one image: weight_t * image_c."""
-    n = tl.program_id(0).to(tl.int64)
-    pixel = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    n, b = image_and_block(blocks)
+    pixel = b * BLOCK + tl.arange(0, BLOCK)
     valid = pixel < pixels
     value = tl.load(map_ptr + n * pixels + pixel, mask=valid, other=0.0)
     for t in range(0, thresholds):
@@ -221,7 +229,8 @@ def percentile_pivots(maps: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]
     """Per (image, threshold): the (value, index) key of the pixel of stable rank
     ``floor(q * H * W)``, or ``(NaN, H * W)`` when every pixel is muted. ``(N, HW)`` maps."""
     pixels = maps.shape[1]
-    muted = torch.floor(thresholds.double() * pixels).clamp(0, pixels).long()
+    # a NaN threshold mutes nothing, as in the reference and the C++ kernels
+    muted = torch.floor(thresholds.double() * pixels).nan_to_num(0.0).clamp(0, pixels).long()
     values, order = torch.sort(maps, dim=1, stable=True)
     rank = muted.clamp(max=pixels - 1)
     everything = (muted == pixels)[None, :]
@@ -247,7 +256,8 @@ def _write_masked_batch(
         taus = thresholds.to(maps.dtype).contiguous()
         pivot_values, pivot_indices = taus, taus.new_zeros(1, dtype=torch.int64)
     block = _block(images, pixels)
-    _mask_kernel[(n, triton.cdiv(pixels, block))](
+    blocks = triton.cdiv(pixels, block)
+    _mask_kernel[(n * blocks,)](
         maps,
         images,
         out,
@@ -257,6 +267,7 @@ def _write_masked_batch(
         thresholds.shape[0],
         channels,
         pixels,
+        blocks,
         PERCENTILE=percentile,
         SOFT=mask == "soft",
         BLOCK=block,
@@ -284,8 +295,9 @@ def _scale_maps(raw: Tensor, height: int, width: int) -> Tensor:
         BLOCK_LOW=_block(raw, in_h * in_w),
         BLOCK=block,
     )
-    _map_kernel[(n, triton.cdiv(height * width, block))](
-        raw, ranges, maps, in_h, in_w, height, width, F64=f64, BLOCK=block
+    blocks = triton.cdiv(height * width, block)
+    _map_kernel[(n * blocks,)](
+        raw, ranges, maps, in_h, in_w, height, width, blocks, F64=f64, BLOCK=block
     )
     return maps
 
@@ -300,12 +312,19 @@ def tft_mask_triton(
     maps: Tensor, images: Tensor, thresholds: Tensor, threshold_mode: str, mask_kind: str
 ) -> Tensor:
     """The masked batch ``(N * T, C, H, W)`` from input-resolution maps ``(N, H, W)``."""
-    check_ladder_inputs(
-        "tft_mask", maps, images, thresholds, threshold_mode, mask_kind, at_input_resolution=True
-    )
-    out = _new_batch(images, thresholds)
-    _write_masked_batch(maps, images, thresholds, threshold_mode, mask_kind, out)
-    return out
+    with on_device_of(maps):
+        check_ladder_inputs(
+            "tft_mask",
+            maps,
+            images,
+            thresholds,
+            threshold_mode,
+            mask_kind,
+            at_input_resolution=True,
+        )
+        out = _new_batch(images, thresholds)
+        _write_masked_batch(maps, images, thresholds, threshold_mode, mask_kind, out)
+        return out
 
 
 tft_mask_triton.register_fake(tft_mask_fake)
@@ -316,13 +335,20 @@ def tft_ladder_triton(
     raw: Tensor, images: Tensor, thresholds: Tensor, threshold_mode: str, mask_kind: str
 ) -> tuple[Tensor, Tensor]:
     """The masked batch ``(N * T, C, H, W)`` and the map ``(N, H, W)`` from a raw CAM."""
-    check_ladder_inputs(
-        "tft_ladder", raw, images, thresholds, threshold_mode, mask_kind, at_input_resolution=False
-    )
-    out = _new_batch(images, thresholds)
-    maps = _scale_maps(raw, images.shape[2], images.shape[3])
-    _write_masked_batch(maps, images, thresholds, threshold_mode, mask_kind, out)
-    return out, maps
+    with on_device_of(raw):
+        check_ladder_inputs(
+            "tft_ladder",
+            raw,
+            images,
+            thresholds,
+            threshold_mode,
+            mask_kind,
+            at_input_resolution=False,
+        )
+        out = _new_batch(images, thresholds)
+        maps = _scale_maps(raw, images.shape[2], images.shape[3])
+        _write_masked_batch(maps, images, thresholds, threshold_mode, mask_kind, out)
+        return out, maps
 
 
 tft_ladder_triton.register_fake(tft_ladder_fake)
@@ -338,19 +364,20 @@ def tft_ladder_out_triton(
     out: Tensor,
 ) -> Tensor:
     """``tft_ladder_triton`` writing the batch into ``out``; returns the map."""
-    check_ladder_inputs(
-        "tft_ladder_out",
-        raw,
-        images,
-        thresholds,
-        threshold_mode,
-        mask_kind,
-        at_input_resolution=False,
-    )
-    check_ladder_out("tft_ladder_out", out, images, thresholds)
-    maps = _scale_maps(raw, images.shape[2], images.shape[3])
-    _write_masked_batch(maps, images, thresholds, threshold_mode, mask_kind, out)
-    return maps
+    with on_device_of(raw):
+        check_ladder_inputs(
+            "tft_ladder_out",
+            raw,
+            images,
+            thresholds,
+            threshold_mode,
+            mask_kind,
+            at_input_resolution=False,
+        )
+        check_ladder_out("tft_ladder_out", out, images, thresholds)
+        maps = _scale_maps(raw, images.shape[2], images.shape[3])
+        _write_masked_batch(maps, images, thresholds, threshold_mode, mask_kind, out)
+        return maps
 
 
 tft_ladder_out_triton.register_fake(tft_ladder_out_fake)
