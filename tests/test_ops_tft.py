@@ -50,7 +50,10 @@ PERCENTILE_LADDER = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]
 
 
 def _device(backend: str) -> str:
-    return "cuda" if backend == "triton" and HAS_GPU else "cpu"
+    """Where ``backend`` runs its kernels here: Triton and, when built with CUDA, the C++ ops on
+    the GPU when there is one."""
+    on_gpu = backend == "triton" or (backend == "cpp" and CUDA_KERNELS["tft_ladder"])
+    return "cuda" if on_gpu and HAS_GPU else "cpu"
 
 
 def _generator(seed: int) -> torch.Generator:

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
 
 
 def on_device_of(*tensors: Tensor) -> contextlib.AbstractContextManager:
@@ -33,3 +34,19 @@ def image_and_block(blocks):
     """(image, block) of this program in a grid of ``images * blocks`` programs."""
     pid = tl.program_id(0).to(tl.int64)
     return pid // blocks, pid % blocks
+
+
+@triton.jit
+def exp(x, PRECISE: tl.constexpr):
+    """e**x: libdevice's correctly rounded-to-a-few-ulps ``exp`` on a GPU (``tl.exp`` lowers to
+    the approximate ``ex2.approx`` there), ``tl.exp`` in the interpreter (NumPy's, which has
+    no libdevice)."""
+    if PRECISE:
+        return libdevice.exp(x)
+    else:
+        return tl.exp(x)
+
+
+def precise_exp(t: Tensor) -> bool:
+    """The ``PRECISE`` argument of :func:`exp` for kernels on ``t``'s device."""
+    return t.device.type == "cuda"

@@ -19,7 +19,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastxai.ops._fuse_maps_checks import check_fuse_maps_inputs, fuse_maps_fake
-from fastxai.ops.triton._launch import image_and_block, on_device_of
+from fastxai.ops.triton._launch import exp, image_and_block, on_device_of, precise_exp
 from fastxai.ops.triton.tft_ladder import MINMAX_EPS, _block, _divide, _upsampled
 
 _RANGE_FIELDS = 5  # low_lo, low_den, up_lo, up_den, peak
@@ -45,10 +45,10 @@ def _min_max(value, valid):
 
 
 @triton.jit
-def _tanh(x, F64: tl.constexpr):
-    """tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|): no libdevice (the interpreter has
-    none), no overflow; absolute error a few ulps of 1."""
-    e = tl.exp(-2.0 * tl.abs(x))
+def _tanh(x, F64: tl.constexpr, PRECISE: tl.constexpr):
+    """tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) (libdevice's on a GPU): no
+    overflow; absolute error a few ulps of 1."""
+    e = exp(-2.0 * tl.abs(x), PRECISE)
     t = _divide(1.0 - e, 1.0 + e, F64)
     return tl.where(x < 0, -t, t)
 
@@ -119,6 +119,7 @@ def _fuse_kernel(
     blocks,
     TANH: tl.constexpr,
     F64: tl.constexpr,
+    PRECISE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """The fused value before the final min-max at one block of pixels of one image, and the
@@ -139,7 +140,9 @@ def _fuse_kernel(
         up = _upsampled(raw, low_lo, low_den, pixel, valid, in_h, in_w, out_h, out_w, F64)
         if TANH:
             scaled = _divide(up - tl.load(ranges + 2), tl.load(ranges + 3), F64)
-            acc = _nan_max(acc, _tanh(_divide(2.0 * scaled, tl.load(ranges + 4), F64), F64))
+            acc = _nan_max(
+                acc, _tanh(_divide(2.0 * scaled, tl.load(ranges + 4), F64), F64, PRECISE)
+            )
         else:
             acc = acc + tl.where(up < 0, 0.0, up)
     if not TANH:
@@ -236,6 +239,7 @@ def fuse_maps_triton(raws: list[Tensor], height: int, width: int, fusion: str) -
             blocks,
             TANH=tanh,
             F64=f64,
+            PRECISE=precise_exp(first),
             BLOCK=block,
         )
         _rescale_kernel[(n * blocks,)](

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastxai.ops.triton._launch import on_device_of
+from fastxai.ops.triton._launch import image_and_block, on_device_of
 
 # (channels, pixels) per program. The interpreter (CPU tensors) pays per program, so it gets one
 # large block; GPUs get many small ones.
@@ -29,6 +29,7 @@ def _layercam_forward_kernel(
     channels,
     width,
     pixels,
+    blocks,
     g_stride_n,
     g_stride_c,
     g_stride_h,
@@ -40,8 +41,8 @@ def _layercam_forward_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64)
-    pixel = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    n, block = image_and_block(blocks)
+    pixel = block * BLOCK_P + tl.arange(0, BLOCK_P)
     pixel_in = pixel < pixels
     y = pixel // width
     x = pixel % width
@@ -68,6 +69,7 @@ def _layercam_backward_kernel(
     channels,
     width,
     pixels,
+    blocks,
     g_stride_n,
     g_stride_c,
     g_stride_h,
@@ -79,9 +81,9 @@ def _layercam_backward_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    n = tl.program_id(0).to(tl.int64)
-    pixel = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
-    channel = (tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    n, block = image_and_block(blocks)
+    pixel = block * BLOCK_P + tl.arange(0, BLOCK_P)
+    channel = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     pixel_in = pixel < pixels
     inside = (channel < channels)[:, None] & pixel_in[None, :]
     y = pixel // width
@@ -131,14 +133,15 @@ def layercam_triton(gradient: Tensor, activation: Tensor) -> Tensor:
             return out
         block_c, block_p = _blocks(gradient)
         block_p = min(block_p, triton.next_power_of_2(height * width))
-        grid = (images, triton.cdiv(height * width, block_p))
-        _layercam_forward_kernel[grid](
+        blocks = triton.cdiv(height * width, block_p)
+        _layercam_forward_kernel[(images * blocks,)](
             gradient,
             activation,
             out,
             channels,
             width,
             height * width,
+            blocks,
             *gradient.stride(),
             *activation.stride(),
             BLOCK_C=block_c,
@@ -168,7 +171,8 @@ def layercam_backward_triton(
         block_c, block_p = _blocks(gradient)
         block_p = min(block_p, triton.next_power_of_2(height * width))
         block_c = min(block_c, triton.next_power_of_2(channels))
-        grid = (images, triton.cdiv(height * width, block_p), triton.cdiv(channels, block_c))
+        blocks = triton.cdiv(height * width, block_p)
+        grid = (images * blocks, triton.cdiv(channels, block_c))  # axis 1: channel blocks
         _layercam_backward_kernel[grid](
             grad_map.contiguous(),
             map.contiguous(),
@@ -179,6 +183,7 @@ def layercam_backward_triton(
             channels,
             width,
             height * width,
+            blocks,
             *gradient.stride(),
             *activation.stride(),
             BLOCK_C=block_c,

@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastxai.ops._tft_checks import check_select_inputs
-from fastxai.ops.triton._launch import on_device_of
+from fastxai.ops.triton._launch import exp, on_device_of, precise_exp
 
 # Logits per load. The interpreter (CPU tensors) pays per step, so it gets large blocks.
 _GPU_BLOCK = 1024
@@ -41,6 +41,7 @@ def _rpi_select_kernel(
     thresholds,
     classes,
     F64: tl.constexpr,
+    PRECISE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
@@ -60,11 +61,11 @@ def _rpi_select_kernel(
         for start in range(0, classes, BLOCK):
             offset = start + tl.arange(0, BLOCK)
             logit = tl.load(row + offset, mask=offset < classes, other=float("-inf"))
-            total += tl.sum(tl.exp(logit - row_max), axis=0)
+            total += tl.sum(exp(logit - row_max, PRECISE), axis=0)
         # An out-of-range class reads nothing and yields NaN (checked on the host for the CPU).
         known = (target >= 0) & (target < classes)
         target_logit = tl.load(row + target, mask=known, other=float("nan"))
-        probability = _divide(tl.exp(target_logit - row_max), total, F64)
+        probability = _divide(exp(target_logit - row_max, PRECISE), total, F64)
         increase = probability - original
         rpi = _divide(tl.where(increase < 0, 0.0, increase), original, F64)
         tl.store(rpi_ptr + n * thresholds + t, rpi)
@@ -97,6 +98,7 @@ def rpi_select_triton(logits: Tensor, classes: Tensor, original: Tensor) -> tupl
             thresholds,
             num_classes,
             F64=logits.dtype == torch.float64,
+            PRECISE=precise_exp(logits),
             BLOCK=block,
         )
         return rpi, index
