@@ -1,4 +1,4 @@
-"""Sharing Ratio Decomposition (SRD, SPEC B): saliency, effective receptive fields, APOP."""
+"""Sharing Ratio Decomposition (SRD): saliency, effective receptive fields, APOP."""
 
 from fastxai.decomposition.activation_pattern import apop, apop_agreement
 from fastxai.decomposition.explain import srd, srd_erf

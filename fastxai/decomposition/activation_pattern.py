@@ -1,4 +1,4 @@
-"""APOP, Activation-Pattern-Only Prediction (SPEC B.5).
+"""APOP, Activation-Pattern-Only Prediction (the SRD paper's observation).
 
 The network runs on ``x_other`` with every ReLU replaced by the binary gate of ``x_pattern``
 (:math:`z \\mapsto z \\odot 1[z_{pattern} > 0]`) and every max-pool gathering at the arg-max

@@ -148,7 +148,7 @@ def srd(
               R_{out}(q), \qquad \sum_p \mu_{p \to q} = 1 .
 
     Computed in the fast form: per unit one convolution backward (gradient x input) plus a
-    per-tap norm pass for the bias shares (SPEC B.4).
+    per-tap norm pass for the bias shares (:mod:`fastxai.decomposition.fast`).
 
     Args:
         model: a torchvision ResNet or VGG in eval mode; never modified.

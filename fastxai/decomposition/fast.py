@@ -1,4 +1,4 @@
-r"""The fast backward of one unit (SPEC B.4): gradient x input plus a norm-weighted bias term.
+r"""The fast backward of one unit: gradient x input plus a norm-weighted bias term.
 
 With :math:`\rho_q = R(q) / \|\hat v_q\|^2` (0 where :math:`\hat v_q = 0`) and the routing of the
 merged max-pool fixed, the relevance a source gives its input PFV ``p`` is
@@ -28,7 +28,7 @@ from fastxai.decomposition.taps import (
 )
 from fastxai.decomposition.trace import LinearSource, Unit
 
-# Added to ||v_hat||^2 and to the sum of part norms (SPEC B.6 proposals).
+# Added to ||v_hat||^2 and to the sum of part norms (guards the empty parts; not in the paper).
 EPS = 1e-12
 
 

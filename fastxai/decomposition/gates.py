@@ -21,7 +21,7 @@ class Gates:
 
     ``Gates()`` records them while applying the ordinary ReLU and max-pool; ``Gates(recorded)``
     replays a recorded pattern: the ReLU becomes :math:`z \\odot 1[z_{pattern} > 0]` and the
-    max-pool gathers at the pattern's arg-max positions (APOP, SPEC B.5).
+    max-pool gathers at the pattern's arg-max positions (APOP).
     """
 
     def __init__(self, replay: Gates | None = None, *, record_relu: bool = True) -> None:

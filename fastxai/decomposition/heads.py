@@ -1,4 +1,4 @@
-"""Initial relevance at the last convolutional unit (SPEC B.2 heads) and the contrastive rule.
+"""Initial relevance at the last convolutional unit (the classifier heads) and the contrastive rule.
 
 * ResNet (``"fc"``, the paper's): :math:`R(p) = (w_c \\cdot x_p + b_c) / n` at the ``n``
   positions of layer4's output, the per-position share of logit ``c``; it sums to the logit.

@@ -307,6 +307,30 @@ def _new_batch(images: Tensor, thresholds: Tensor) -> Tensor:
     return images.new_empty((n * thresholds.shape[0], channels, height, width))
 
 
+def _ladder_into(
+    op: str,
+    raw: Tensor,
+    images: Tensor,
+    thresholds: Tensor,
+    threshold_mode: str,
+    mask_kind: str,
+    out: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """The masked batch of the raw CAM's map, written into ``out`` (a new one when ``None``),
+    and the map."""
+    with on_device_of(raw):
+        check_ladder_inputs(
+            op, raw, images, thresholds, threshold_mode, mask_kind, at_input_resolution=False
+        )
+        if out is None:
+            out = _new_batch(images, thresholds)
+        else:
+            check_ladder_out(op, out, images, thresholds)
+        maps = _scale_maps(raw, images.shape[2], images.shape[3])
+        _write_masked_batch(maps, images, thresholds, threshold_mode, mask_kind, out)
+        return out, maps
+
+
 @torch.library.custom_op("fastxai::tft_mask_triton", mutates_args=())
 def tft_mask_triton(
     maps: Tensor, images: Tensor, thresholds: Tensor, threshold_mode: str, mask_kind: str
@@ -335,20 +359,7 @@ def tft_ladder_triton(
     raw: Tensor, images: Tensor, thresholds: Tensor, threshold_mode: str, mask_kind: str
 ) -> tuple[Tensor, Tensor]:
     """The masked batch ``(N * T, C, H, W)`` and the map ``(N, H, W)`` from a raw CAM."""
-    with on_device_of(raw):
-        check_ladder_inputs(
-            "tft_ladder",
-            raw,
-            images,
-            thresholds,
-            threshold_mode,
-            mask_kind,
-            at_input_resolution=False,
-        )
-        out = _new_batch(images, thresholds)
-        maps = _scale_maps(raw, images.shape[2], images.shape[3])
-        _write_masked_batch(maps, images, thresholds, threshold_mode, mask_kind, out)
-        return out, maps
+    return _ladder_into("tft_ladder", raw, images, thresholds, threshold_mode, mask_kind, None)
 
 
 tft_ladder_triton.register_fake(tft_ladder_fake)
@@ -364,20 +375,8 @@ def tft_ladder_out_triton(
     out: Tensor,
 ) -> Tensor:
     """``tft_ladder_triton`` writing the batch into ``out``; returns the map."""
-    with on_device_of(raw):
-        check_ladder_inputs(
-            "tft_ladder_out",
-            raw,
-            images,
-            thresholds,
-            threshold_mode,
-            mask_kind,
-            at_input_resolution=False,
-        )
-        check_ladder_out("tft_ladder_out", out, images, thresholds)
-        maps = _scale_maps(raw, images.shape[2], images.shape[3])
-        _write_masked_batch(maps, images, thresholds, threshold_mode, mask_kind, out)
-        return maps
+    args = (raw, images, thresholds, threshold_mode, mask_kind, out)
+    return _ladder_into("tft_ladder_out", *args)[1]
 
 
 tft_ladder_out_triton.register_fake(tft_ladder_out_fake)
