@@ -55,8 +55,9 @@ TORCH_LIBRARY(fastxai, m) {
       "tft_mask(Tensor maps, Tensor images, Tensor thresholds, str threshold_mode, "
       "str mask_kind) -> Tensor",
       {at::Tag::pt2_compliant_tag});
-  // TFT epilogue: RPI curve (N, T) and the selected threshold per image (-1: none).
+  // TFT epilogue: RPI curve (N, T), the selected threshold per image (-1: none) and the class
+  // probability of every ladder row (N, T).
   m.def(
-      "rpi_select(Tensor logits, Tensor classes, Tensor original) -> (Tensor, Tensor)",
+      "rpi_select(Tensor logits, Tensor classes, Tensor original) -> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 }

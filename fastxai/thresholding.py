@@ -7,7 +7,7 @@ the threshold with the largest relative probability increase
 .. math:: \\mathrm{RPI}(\\tau) = \\max(\\hat y_c(M_\\tau \\odot x) - y_c(x), 0) / y_c(x)
 
 wins (first maximum on ties). When no threshold raises the probability, nothing is muted: the
-mask is :math:`1[I > 0]` and :math:`\\tau^* = 0` (SPEC §A.2).
+mask is :math:`1[I > 0]` and :math:`\\tau^* = 0` (Alg. 1 of the paper).
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ NAIVE_MUTED_FRACTION = {
 def naive_threshold(method: str) -> float:
     """The paper's Table 1 default muting for ``method`` (fraction of pixels muted).
 
-    CAM and XGrad-CAM have no Table 1 entry; they take Grad-CAM's 85% (SPEC §A.5).
+    CAM and XGrad-CAM have no Table 1 entry; they take Grad-CAM's
+    85%.
     """
     try:
         return NAIVE_MUTED_FRACTION[method]
@@ -125,6 +126,13 @@ def _ladder(thresholds: Sequence[float] | Tensor | None, mode: Mode, compiling: 
     return torch.tensor(values, dtype=torch.float64)
 
 
+def _check_options(mode: str, mask: str) -> None:
+    if mask not in ("binary", "soft"):
+        raise ValueError(f"mask must be 'binary' or 'soft', got {mask!r}")
+    if mode not in ("value", "percentile"):
+        raise ValueError(f"mode must be 'value' or 'percentile', got {mode!r}")
+
+
 @keeps_buffers
 def tft(
     model: nn.Module,
@@ -157,14 +165,12 @@ def tft(
     Returns:
         An Explanation with ``maps`` = :math:`I \\odot M_{\\tau^*}`, ``mask`` = :math:`M_{\\tau^*}`,
         ``tau`` ``(N,)``, ``rpi`` ``(N, T)``, ``targets`` and ``logits``; ``extras["thresholds"]``
-        is the ladder and ``extras["original_maps"]`` the input maps.
+        is the ladder, ``extras["original_maps"]`` the input maps and
+        ``extras["probabilities"]`` ``(N, T)`` the class probability of every masked image.
     """
     check_model(model)
     check_images(model, x)
-    if mask not in ("binary", "soft"):
-        raise ValueError(f"mask must be 'binary' or 'soft', got {mask!r}")
-    if mode not in ("value", "percentile"):
-        raise ValueError(f"mode must be 'value' or 'percentile', got {mode!r}")
+    _check_options(mode, mask)
     check_maps(x, maps)
     n = x.shape[0]
     compiling = torch.compiler.is_compiling()
@@ -183,8 +189,8 @@ def tft(
     if resolved.callables is not None:
         raise ValueError("targets: TFT needs class indices (it compares class probabilities)")
     classes = resolved.classes
-    t = ladder.numel()
     if n == 0:
+        t = ladder.numel()
         return Explanation(
             maps=maps.clone(),
             targets=classes,
@@ -194,10 +200,24 @@ def tft(
             rpi=ladder.new_zeros((0, t)),
             extras={"thresholds": ladder},
         )
-
     # The fused kernels (fastxai.ops; the reference without the extension): the masked batch
     # (N * T, C, H, W), then the RPI curve and the first threshold maximising it (-1: none).
     masked = ops.tft_mask(maps, x, ladder, mode=mode, mask=mask)
+    return _select(model, maps, masked, classes, logits, ladder, mode, batch_size)
+
+
+def _select(
+    model: nn.Module,
+    maps: Tensor,
+    masked: Tensor,
+    classes: Tensor,
+    logits: Tensor,
+    ladder: Tensor,
+    mode: Mode,
+    batch_size: int | None,
+) -> Explanation:
+    """TFT's second half: the ladder batch's forward, :func:`fastxai.ops.rpi_select` (softmax,
+    RPI, first maximum and the class probabilities in one pass) and the chosen mask."""
     ladder_logits = batched_logits(model, masked, batch_size)
     if ladder_logits.shape[1] != logits.shape[1]:
         raise ValueError(
@@ -205,11 +225,10 @@ def tft(
             "pass model(x) or leave logits out"
         )
     original = torch.softmax(logits.float(), dim=1).gather(1, classes[:, None])[:, 0]
-    rpi, selected = ops.rpi_select(ladder_logits, classes, original)
-    probs = torch.softmax(ladder_logits, dim=1).gather(1, classes.repeat_interleave(t)[:, None])
-    probs = probs.view(n, t)
+    rpi, selected, probs = ops.rpi_select(ladder_logits, classes, original)
     improved = selected >= 0
     best = selected.clamp_min(0)
+    # Only the selected threshold's mask is built (N maps, not the ladder's N * T).
     chosen = selected_masks(maps, ladder, best, mode)
     no_muting = maps > 0
     final_mask = torch.where(improved[:, None, None], chosen, no_muting)
@@ -225,17 +244,48 @@ def tft(
     )
 
 
+def _check_class_targets(classes: Tensor) -> None:
+    # Callable targets report class -1; the check reads values, so it runs in eager mode only
+    # (under torch.compile the class-index cotangent path is the only one that traces).
+    if not torch.compiler.is_compiling() and bool((classes < 0).any()):
+        raise ValueError("targets: TFT needs class indices (it compares class probabilities)")
+
+
 def tft_from_explanation(
     model: nn.Module, x: Tensor, explanation: Explanation, **options: object
 ) -> Explanation:
     """TFT on a CAM method's result, keeping its ``raw`` map and extras."""
-    # Callable targets report class -1; the check reads values, so it runs in eager mode only
-    # (under torch.compile the class-index cotangent path is the only one that traces).
-    if not torch.compiler.is_compiling() and bool((explanation.targets < 0).any()):
-        raise ValueError("targets: TFT needs class indices (it compares class probabilities)")
+    _check_class_targets(explanation.targets)
     tuned = tft(
         model, x, explanation.maps, explanation.targets, logits=explanation.logits, **options
     )
     tuned.raw = explanation.raw
     tuned.extras = {**explanation.extras, **tuned.extras}
+    return tuned
+
+
+def tft_from_raw(
+    model: nn.Module,
+    x: Tensor,
+    raw: Tensor,
+    classes: Tensor,
+    logits: Tensor,
+    *,
+    thresholds: Sequence[float] | Tensor | None = None,
+    mode: Mode = "value",
+    mask: MaskKind = "binary",
+    batch_size: int | None = None,
+) -> Explanation:
+    """TFT of a one-layer CAM from its ``raw`` map ``(N, h, w)``, the fused path.
+
+    One op (:func:`fastxai.ops.tft_ladder`) scales the raw map to the input resolution and
+    writes the masked ladder batch; the batch's forward and :func:`fastxai.ops.rpi_select`
+    follow. The result equals :func:`tft` on ``scale_maps(raw)`` (with ``raw`` kept).
+    """
+    _check_class_targets(classes)
+    _check_options(mode, mask)
+    ladder = _ladder(thresholds, mode, torch.compiler.is_compiling()).to(x.device)
+    masked, maps = ops.tft_ladder(raw, x, ladder, mode=mode, mask=mask)
+    tuned = _select(model, maps, masked, classes, logits, ladder, mode, batch_size)
+    tuned.raw = raw
     return tuned

@@ -389,10 +389,17 @@ def _ladder_logits(n: int, t: int, k: int, dtype: torch.dtype, seed: int):
 
 def _check_select(backend, logits, classes, original):
     device = _device(backend)
-    rpi, index = ops.rpi_select(*_on(device, logits, classes, original), backend=backend)
-    rpi, index = rpi.cpu(), index.cpu()
-    expected_rpi, expected_index = reference.rpi_select(logits, classes, original)
+    got = ops.rpi_select(*_on(device, logits, classes, original), backend=backend)
+    rpi, index, probability = (t.cpu() for t in got)
+    expected_rpi, expected_index, expected_probability = reference.rpi_select(
+        logits, classes, original
+    )
     assert rpi.shape == expected_rpi.shape and rpi.dtype == logits.dtype
+    assert probability.shape == expected_probability.shape and probability.dtype == logits.dtype
+    # p = softmax(l)_c is in [0, 1]: the kernels' reassociated sums hold it to the dtype's ATOL.
+    torch.testing.assert_close(
+        probability, expected_probability, atol=ATOL[logits.dtype], rtol=0, equal_nan=True
+    )
     assert index.shape == expected_index.shape and index.dtype == torch.int64
     tolerance = ATOL[logits.dtype] * (1 + expected_rpi.abs())
     worst = ((rpi - expected_rpi).abs() - tolerance).max().item() if rpi.numel() else -1
@@ -570,8 +577,8 @@ def test_compile_fullgraph_ladder():
 
 def test_compile_fullgraph_rpi_select():
     def select(logits, classes, original):
-        rpi, index = ops.rpi_select(logits.float(), classes, original)
-        return rpi * 2, index.clamp_min(0)
+        rpi, index, probability = ops.rpi_select(logits.float(), classes, original)
+        return rpi * 2, index.clamp_min(0), probability + 1
 
     args = _ladder_logits(3, 10, 100, torch.float32, seed=3)
     compiled = torch.compile(select, fullgraph=True)
@@ -594,9 +601,12 @@ def test_cuda_kernels_match_reference():
         expected = reference.tft_mask(maps.cpu(), images, thresholds, mode, "binary")
         assert torch.equal(masked.cpu(), expected)
     logits, classes, original = _ladder_logits(3, 10, 1000, torch.float32, seed=5)
-    rpi, index = ops.rpi_select(*_on("cuda", logits, classes, original))
-    expected_rpi, expected_index = reference.rpi_select(logits, classes, original)
+    rpi, index, probability = ops.rpi_select(*_on("cuda", logits, classes, original))
+    expected_rpi, expected_index, expected_probability = reference.rpi_select(
+        logits, classes, original
+    )
     torch.testing.assert_close(rpi.cpu(), expected_rpi, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(probability.cpu(), expected_probability, atol=1e-6, rtol=0)
     assert torch.equal(index.cpu(), expected_index)
 
 

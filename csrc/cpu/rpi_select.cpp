@@ -1,5 +1,5 @@
-// CPU kernel of fastxai::rpi_select: per image, the RPI curve of its T ladder rows and the first
-// threshold that maximises it (csrc/include/fastxai/rpi_select.h), one image per task.
+// CPU kernel of fastxai::rpi_select: per image, the class probability and RPI curve of its T ladder
+// rows and the first threshold that maximises it (csrc/include/fastxai/rpi_select.h), one image per task.
 //
 // Each row is read twice (its max, then the sum of exp(l - max)) and nothing of size K is written:
 // the probability of the explained class is exp(l_c - m) / sum. The float32 sum is the hot loop
@@ -130,12 +130,14 @@ void rpi_select_kernel(
     const at::Tensor& original,
     const SelectShape& shape,
     at::Tensor& rpi,
-    at::Tensor& index) {
+    at::Tensor& index,
+    at::Tensor& probability) {
   const scalar_t* logit_data = logits.const_data_ptr<scalar_t>();
   const int64_t* class_data = classes.const_data_ptr<int64_t>();
   const scalar_t* original_data = original.const_data_ptr<scalar_t>();
   scalar_t* rpi_data = rpi.mutable_data_ptr<scalar_t>();
   int64_t* index_data = index.mutable_data_ptr<int64_t>();
+  scalar_t* probability_data = probability.mutable_data_ptr<scalar_t>();
   const int64_t num_thresholds = shape.thresholds;
   const int64_t k = shape.classes;
   const int64_t logits_per_image = std::max<int64_t>(1, num_thresholds * k);
@@ -148,7 +150,9 @@ void rpi_select_kernel(
       int64_t best_t = 0;
       for (int64_t t = 0; t < num_thresholds; ++t) {
         const scalar_t* row = logit_data + (n * num_thresholds + t) * k;
-        const scalar_t value = relative_probability_increase(class_probability(row, k, c), p0);
+        const scalar_t p = class_probability(row, k, c);
+        const scalar_t value = relative_probability_increase(p, p0);
+        probability_data[n * num_thresholds + t] = p;
         rpi_data[n * num_thresholds + t] = value;
         if (t == 0 || replaces_maximum(value, best)) {
           best = value;
@@ -160,15 +164,16 @@ void rpi_select_kernel(
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> rpi_select_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rpi_select_cpu(
     const at::Tensor& logits,
     const at::Tensor& classes,
     const at::Tensor& original) {
   const SelectShape shape = check_select_inputs("rpi_select", logits, classes, original);
   at::Tensor rpi = at::empty({shape.n, shape.thresholds}, logits.options());
   at::Tensor index = at::empty({shape.n}, classes.options());
+  at::Tensor probability = at::empty({shape.n, shape.thresholds}, logits.options());
   if (shape.n == 0) {
-    return {rpi, index};
+    return {rpi, index, probability};
   }
   const at::Tensor classes_contiguous = classes.contiguous();
   const int64_t* class_data = classes_contiguous.const_data_ptr<int64_t>();
@@ -182,9 +187,9 @@ std::tuple<at::Tensor, at::Tensor> rpi_select_cpu(
   const at::Tensor original_contiguous = original.contiguous();
   AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "rpi_select", [&] {
     rpi_select_kernel<scalar_t>(
-        logits_contiguous, classes_contiguous, original_contiguous, shape, rpi, index);
+        logits_contiguous, classes_contiguous, original_contiguous, shape, rpi, index, probability);
   });
-  return {rpi, index};
+  return {rpi, index, probability};
 }
 
 }  // namespace

@@ -1,7 +1,8 @@
 // CUDA kernel of fastxai::rpi_select: one block per image, one warp per ladder row (T rows per
 // image), then the block's first thread picks the first argmax (csrc/include/fastxai/rpi_select.h).
 //
-// A warp reads its row twice (the max, then the sum of exp(l - max)) and writes one RPI value;
+// A warp reads its row twice (the max, then the sum of exp(l - max)) and writes its class
+// probability and RPI value;
 // nothing of size K is written.
 
 #include <ATen/Dispatch.h>
@@ -61,6 +62,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) rpi_select_kernel(
     const scalar_t* __restrict__ original,
     scalar_t* __restrict__ rpi,
     int64_t* __restrict__ index,
+    scalar_t* __restrict__ probability,
     int64_t num_thresholds,
     int64_t num_classes) {
   const int64_t n = blockIdx.x;
@@ -69,11 +71,13 @@ __global__ void __launch_bounds__(kThreadsPerBlock) rpi_select_kernel(
   const int64_t c = classes[n];
   const scalar_t p0 = original[n];
   scalar_t* image_rpi = rpi + n * num_thresholds;
+  scalar_t* image_probability = probability + n * num_thresholds;
   if (c < 0 || c >= num_classes) {
     // A device assert would end the CUDA context: NaN and -1, as the Triton kernel, and the
     // Python front door raises before launching. c is the block's own: every thread returns.
     for (int64_t t = threadIdx.x; t < num_thresholds; t += blockDim.x) {
       image_rpi[t] = std::numeric_limits<scalar_t>::quiet_NaN();
+      image_probability[t] = std::numeric_limits<scalar_t>::quiet_NaN();
     }
     if (threadIdx.x == 0) {
       index[n] = -1;
@@ -94,8 +98,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock) rpi_select_kernel(
     }
     sum = warp_sum(sum);
     if (lane == 0) {
-      const scalar_t probability = device_exp(row[c] - row_max) / sum;
-      image_rpi[t] = relative_probability_increase(probability, p0);
+      const scalar_t p = device_exp(row[c] - row_max) / sum;
+      image_probability[t] = p;
+      image_rpi[t] = relative_probability_increase(p, p0);
     }
   }
   // The block's global writes are visible to its own threads after the barrier.
@@ -114,7 +119,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock) rpi_select_kernel(
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> rpi_select_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rpi_select_cuda(
     const at::Tensor& logits,
     const at::Tensor& classes,
     const at::Tensor& original) {
@@ -125,8 +130,9 @@ std::tuple<at::Tensor, at::Tensor> rpi_select_cuda(
   const c10::cuda::CUDAGuard device_guard(logits.device());
   at::Tensor rpi = at::empty({shape.n, shape.thresholds}, logits.options());
   at::Tensor index = at::empty({shape.n}, classes.options());
+  at::Tensor probability = at::empty({shape.n, shape.thresholds}, logits.options());
   if (shape.n == 0) {
-    return {rpi, index};
+    return {rpi, index, probability};
   }
   const at::Tensor logits_contiguous = logits.contiguous();
   const at::Tensor classes_contiguous = classes.contiguous();
@@ -140,11 +146,12 @@ std::tuple<at::Tensor, at::Tensor> rpi_select_cuda(
         original_contiguous.const_data_ptr<scalar_t>(),
         rpi.mutable_data_ptr<scalar_t>(),
         index.mutable_data_ptr<int64_t>(),
+        probability.mutable_data_ptr<scalar_t>(),
         shape.thresholds,
         shape.classes);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {rpi, index};
+  return {rpi, index, probability};
 }
 
 }  // namespace

@@ -137,16 +137,22 @@ def explain_layers(
                     "so every map is constant (all zero after normalisation); choose an "
                     "earlier layer or larger inputs"
                 )
-    maps = fuse_layer_maps(raws, (x.shape[2], x.shape[3]), fusion)
     first = captures[0]
     extras: dict[str, Any] = {"method": method, "layers": layers}
     if weights[0] is not None:
         extras["weights"] = weights[0] if len(weights) == 1 else weights
     if len(raws) > 1:
         extras["raw_per_layer"] = raws
-    explanation = Explanation(
-        maps=maps, targets=first.targets.classes, logits=first.logits, raw=raws[0], extras=extras
-    )
+    classes, logits = first.targets.classes, first.logits
+    if tft and len(raws) == 1:
+        # The fused path: one op scales the raw map and writes the masked ladder batch.
+        from fastxai.thresholding import tft_from_raw
+
+        tuned = tft_from_raw(model, x, raws[0], classes, logits, **(tft_options or {}))
+        tuned.extras = {**extras, **tuned.extras}
+        return tuned
+    maps = fuse_layer_maps(raws, (x.shape[2], x.shape[3]), fusion)
+    explanation = Explanation(maps=maps, targets=classes, logits=logits, raw=raws[0], extras=extras)
     if tft:
         from fastxai.thresholding import tft_from_explanation
 

@@ -177,3 +177,13 @@ def tft_mask_fake(
     )
     n, channels, height, width = images.shape
     return images.new_empty((n * thresholds.shape[0], channels, height, width))
+
+
+def rpi_select_fake(
+    logits: Tensor, classes: Tensor, original: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fake kernel of ``rpi_select`` (C++ and Triton): RPI ``(N, T)``, index ``(N,)`` and
+    probability ``(N, T)``."""
+    t = check_select_inputs("rpi_select", logits, classes, original)
+    n = classes.shape[0]
+    return logits.new_empty((n, t)), classes.new_empty((n,)), logits.new_empty((n, t))

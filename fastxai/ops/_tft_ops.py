@@ -23,6 +23,7 @@ from fastxai.ops._tft_checks import (
     check_ladder_inputs,
     check_ladder_out,
     check_select_inputs,
+    rpi_select_fake,
     tft_ladder_fake,
     tft_ladder_out_fake,
     tft_mask_fake,
@@ -152,7 +153,7 @@ def tft_mask(
 
 def rpi_select(
     logits: Tensor, classes: Tensor, original: Tensor, *, backend: Backend = "auto"
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor]:
     r"""TFT's epilogue: the RPI curve of every image and its selected threshold.
 
     ``logits`` ``(N * T, K)`` of the masked batch (row ``n * T + t``), ``classes`` ``(N,)``
@@ -161,10 +162,11 @@ def rpi_select(
 
     .. math:: \mathrm{RPI}_{n,t} = \max(p_{n,t} - p^0_n, 0) / p^0_n
 
-    Returns ``(rpi, index)``: ``(N, T)`` and the first :math:`\arg\max_t` ``(N,)`` int64, -1
-    when no threshold raised the probability (every RPI is 0: no muting). A class outside
-    ``[0, K)`` raises the same RuntimeError on every backend (in eager mode). The kernels
-    compute the max-subtracted softmax per row without materialising the probabilities.
+    Returns ``(rpi, index, probability)``: ``(N, T)``, the first :math:`\arg\max_t` ``(N,)``
+    int64, -1 when no threshold raised the probability (every RPI is 0: no muting), and
+    :math:`p_{n,t}` ``(N, T)``. A class outside ``[0, K)`` raises the same RuntimeError on every
+    backend (in eager mode). The kernels compute the max-subtracted softmax per row without
+    materialising the ``(N * T, K)`` probabilities.
     """
     chosen = choose_backend("rpi_select", (logits, original), backend)
     if not torch.compiler.is_compiling():  # the same error from every backend
@@ -185,13 +187,7 @@ def _register_cpp_fakes() -> None:
     torch.library.register_fake("fastxai::tft_ladder_out")(tft_ladder_out_fake)
     torch.library.register_fake("fastxai::tft_mask")(tft_mask_fake)
 
-    @torch.library.register_fake("fastxai::rpi_select")
-    def _rpi_select_fake(
-        logits: Tensor, classes: Tensor, original: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        t = check_select_inputs("rpi_select", logits, classes, original)
-        n = classes.shape[0]
-        return logits.new_empty((n, t)), classes.new_empty((n,))
+    torch.library.register_fake("fastxai::rpi_select")(rpi_select_fake)
 
 
 if all(CPP_OPS[op] for op in TFT_OPS):

@@ -176,21 +176,23 @@ def tft_ladder(
     return tft_mask(maps, images, thresholds, mode, mask), maps
 
 
-def rpi_select(logits: Tensor, classes: Tensor, original: Tensor) -> tuple[Tensor, Tensor]:
+def rpi_select(logits: Tensor, classes: Tensor, original: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     r"""Relative probability increase of every ladder row and the selected threshold per image.
 
     With ``logits`` ``(N * T, K)`` (row ``n * T + t``: image ``n`` masked at threshold ``t``),
     :math:`p_{n,t} = \mathrm{softmax}(\ell_{n,t})_{c_n}` and the original probability
-    :math:`p^0_n`: :math:`\mathrm{RPI}_{n,t} = \max(p_{n,t} - p^0_n, 0) / p^0_n` ``(N, T)``, and
-    the first :math:`\arg\max_t` per image ``(N,)`` int64, or -1 when that maximum is not
-    positive (no threshold raised the probability: no muting, Alg. 1 of the TFT paper).
+    :math:`p^0_n`: :math:`\mathrm{RPI}_{n,t} = \max(p_{n,t} - p^0_n, 0) / p^0_n` ``(N, T)``, the
+    first :math:`\arg\max_t` per image ``(N,)`` int64, or -1 when that maximum is not positive
+    (no threshold raised the probability: no muting, Alg. 1 of the TFT paper), and
+    :math:`p_{n,t}` ``(N, T)``.
     """
     n = classes.shape[0]
     t = logits.shape[0] // n if n else 0
     probability = torch.softmax(logits, dim=1).gather(1, classes.repeat_interleave(t)[:, None])
-    rpi = (probability.view(n, t) - original[:, None]).clamp_min(0) / original[:, None]
+    probability = probability.view(n, t)
+    rpi = (probability - original[:, None]).clamp_min(0) / original[:, None]
     if t == 0:
-        return rpi, classes.new_full((n,), -1)
+        return rpi, classes.new_full((n,), -1), probability
     best = rpi.argmax(1)
     improved = rpi.gather(1, best[:, None])[:, 0] > 0
-    return rpi, torch.where(improved, best, torch.full_like(best, -1))
+    return rpi, torch.where(improved, best, torch.full_like(best, -1)), probability

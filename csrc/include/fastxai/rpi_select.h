@@ -1,7 +1,7 @@
 #pragma once
 
 // Shared math of fastxai::rpi_select: the relative probability increase of every threshold of the
-// TFT ladder and the first threshold that maximises it (SPEC A.2).
+// TFT ladder and the first threshold that maximises it (TFT paper, Alg. 1 and Eqs. 4-7).
 //
 //   p_t   = softmax(logits_t)[c] = exp(l_c - m) / sum_j exp(l_j - m),   m = max_j l_j
 //   rpi_t = max(p_t - p0, 0) / p0

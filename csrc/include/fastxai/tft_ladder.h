@@ -21,7 +21,7 @@
 
 namespace fastxai {
 
-// Value mode keeps I >= tau among the positive pixels (SPEC A.2: at tau = 0 the mask is 1[I > 0]).
+// Value mode keeps I >= tau among the positive pixels (TFT paper, Alg. 1: at tau = 0 the mask is 1[I > 0]).
 // A non-short-circuit `&` keeps CPU loops free of branches, so they vectorise.
 template <typename T>
 FASTXAI_HD inline bool value_keeps(T value, T tau) {

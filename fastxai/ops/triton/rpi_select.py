@@ -3,7 +3,7 @@
 For the image's ladder rows :math:`\\ell_{n,t}` (``(N * T, K)`` logits):
 :math:`p = \\exp(\\ell_c - m) / \\sum_j \\exp(\\ell_j - m)` with :math:`m = \\max_j \\ell_j` (two
 passes over the row, nothing of size K written), :math:`\\mathrm{RPI} = \\max(p - p^0, 0) / p^0`,
-and the first argmax over the T rows, -1 when it is not positive.
+and the first argmax over the T rows, -1 when it is not positive; :math:`p` is written too.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastxai.ops._tft_checks import check_select_inputs
+from fastxai.ops._tft_checks import check_select_inputs, rpi_select_fake
 from fastxai.ops.triton._launch import exp, on_device_of, precise_exp
 
 # Logits per load. The interpreter (CPU tensors) pays per step, so it gets large blocks.
@@ -38,6 +38,7 @@ def _rpi_select_kernel(
     original_ptr,
     rpi_ptr,
     index_ptr,
+    probability_ptr,
     thresholds,
     classes,
     F64: tl.constexpr,
@@ -69,6 +70,7 @@ def _rpi_select_kernel(
         increase = probability - original
         rpi = _divide(tl.where(increase < 0, 0.0, increase), original, F64)
         tl.store(rpi_ptr + n * thresholds + t, rpi)
+        tl.store(probability_ptr + n * thresholds + t, probability)
         # First maximum, NaN counting as the maximum (torch.argmax).
         replaces = (rpi > best) | ((rpi != rpi) & (best == best)) | (t == 0)
         best = tl.where(replaces, rpi, best)
@@ -77,15 +79,19 @@ def _rpi_select_kernel(
 
 
 @torch.library.custom_op("fastxai::rpi_select_triton", mutates_args=())
-def rpi_select_triton(logits: Tensor, classes: Tensor, original: Tensor) -> tuple[Tensor, Tensor]:
-    """RPI curve ``(N, T)`` and the selected threshold ``(N,)`` (-1: none) of ladder logits."""
+def rpi_select_triton(
+    logits: Tensor, classes: Tensor, original: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """RPI curve ``(N, T)``, the selected threshold ``(N,)`` (-1: none) and the class
+    probabilities ``(N, T)`` of ladder logits."""
     with on_device_of(logits):
         thresholds = check_select_inputs("rpi_select", logits, classes, original)
         n = classes.shape[0]
         rpi = logits.new_empty((n, thresholds))
         index = classes.new_empty((n,))
+        probability = logits.new_empty((n, thresholds))
         if n == 0:
-            return rpi, index
+            return rpi, index, probability
         num_classes = logits.shape[1]
         cap = _INTERPRETER_BLOCK if logits.device.type == "cpu" else _GPU_BLOCK
         block = min(cap, triton.next_power_of_2(max(num_classes, 1)))
@@ -95,19 +101,18 @@ def rpi_select_triton(logits: Tensor, classes: Tensor, original: Tensor) -> tupl
             original.contiguous(),
             rpi,
             index,
+            probability,
             thresholds,
             num_classes,
             F64=logits.dtype == torch.float64,
             PRECISE=precise_exp(logits),
             BLOCK=block,
         )
-        return rpi, index
+        return rpi, index, probability
 
 
 @rpi_select_triton.register_fake
 def _rpi_select_triton_fake(
     logits: Tensor, classes: Tensor, original: Tensor
-) -> tuple[Tensor, Tensor]:
-    thresholds = check_select_inputs("rpi_select", logits, classes, original)
-    n = classes.shape[0]
-    return logits.new_empty((n, thresholds)), classes.new_empty((n,))
+) -> tuple[Tensor, Tensor, Tensor]:
+    return rpi_select_fake(logits, classes, original)
