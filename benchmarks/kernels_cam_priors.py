@@ -45,7 +45,7 @@ from fastxai.ops import reference
 THREADS = 2
 LAYERCAM_SHAPE = (32, 512, 28, 28)
 MASK_SHAPE = (16, 1, 224, 224)
-PRIOR_WEIGHTS = (100.0, 1.0, 15.0)  # lambda_area, lambda_bin, lambda_tv of SPEC C.4 (CVPR text)
+PRIOR_WEIGHTS = (100.0, 1.0, 15.0)  # lambda_area, lambda_bin, lambda_tv of the AM paper's CVPR text
 
 
 def _summarise(

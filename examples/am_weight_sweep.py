@@ -1,4 +1,4 @@
-"""Retune lambda_rob and lambda_tv of Activation Matching on the demo's photos (SPEC.md §C.4).
+"""Retune lambda_rob and lambda_tv of Activation Matching on the demo's photos.
 
 Every (photo, seed, weights) triple gets its own generator, all trained together in one batched
 ``fastxai.activation_matching`` call (per-image weights and seeds): the runs of one photo and seed
@@ -32,7 +32,7 @@ from fastxai.models import class_name, load_efficientnet_lite0
 ROBUSTNESS_BACKGROUNDS = 16
 
 
-# SPEC §C.4, the CVPR text's weights for EfficientNet, ConvNeXt and MobileNet.
+# The CVPR text's weights for EfficientNet, ConvNeXt and MobileNet.
 CVPR_EFFICIENTNET = {"act": 1.0, "ce": 4.0, "kl": 0.4, "area": 15, "bin": 0.3, "tv": 15, "rob": 6}
 
 
@@ -79,7 +79,7 @@ def main() -> None:
         nargs="+",
         default=["rob=5", "rob=15", "rob=50", "rob=15,tv=500", "rob=15,tv=2000"],
         help="weight overrides, one generator each (default weights otherwise); 'defaults' for "
-        "none, 'cvpr' for the CVPR text's EfficientNet weights (SPEC §C.4)",
+        "none, 'cvpr' for the CVPR text's EfficientNet weights",
     )
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=1.5e-4)

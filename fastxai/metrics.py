@@ -63,7 +63,7 @@ def average_increase_drop(
     batch_size: int | None = None,
 ) -> IncreaseDrop:
     r"""Average Increase :math:`\frac1n \sum 1[\hat y_c > y_c]` and Average Drop
-    :math:`\frac1n \sum \max(y_c - \hat y_c, 0) / y_c` (SPEC §A.5), softmax probabilities.
+    :math:`\frac1n \sum \max(y_c - \hat y_c, 0) / y_c` (TFT paper §5.2), softmax probabilities.
 
     ``mask="binary"`` (the TFT paper): :math:`\hat x = 1[I > 0] \odot x`, so pass maps that are
     already thresholded (TFT's ``maps``, or :func:`mute_lowest` for the naive Table 1 muting).

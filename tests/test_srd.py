@@ -1,5 +1,5 @@
-"""SRD (SPEC B): conservation, ERF, linearity, batching, zero vectors, APOP, bad input, and the
-promise never to change the model or the input."""
+"""SRD (Han, Kim and Kwak, ICLR 2024): conservation, ERF, linearity, batching, zero vectors,
+APOP, bad input, and the promise never to change the model or the input."""
 
 from __future__ import annotations
 

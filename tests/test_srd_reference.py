@@ -1,4 +1,4 @@
-"""SRD's fast form against the explicit per-tap reference of SPEC B.10.
+"""SRD's fast form against an explicit per-tap reference (the paper's Eq. 3-5 written out per part).
 
 The reference mirrors the official code term by term: one full convolution per kernel tap (and
 per max-pool window offset) with the weight masked to that tap, the shift split over the parts in
@@ -86,7 +86,7 @@ def _parts(source: LinearSource, out_size: tuple[int, int]):
 def reference_unit_backward(
     unit: Unit, relevance: Tensor, residuals: list[float] | None = None
 ) -> list[tuple[str, Tensor]]:
-    """Explicit per-part SRD backward of one unit (SPEC B.10)."""
+    """Explicit per-part SRD backward of one unit (the paper's Eqs. written out)."""
     vhat = unit.preact
     n, _, ho, wo = vhat.shape
     norm2 = vhat.square().sum(1)

@@ -1,4 +1,4 @@
-"""Activation fine-tuning (AFT, Han, Lee and Lee 2022; SPEC §A.4).
+"""Activation fine-tuning (AFT, Han, Lee and Lee 2022, §4.2).
 
 1. :func:`generate_masks`: TFT masks of every training image with one CAM method, pooled to the
    explained layer's resolution, written in atomic resumable shards (``torchrun``-aware).

@@ -1,7 +1,8 @@
 """The paper's Tables 3 and 4 in miniature: Average Increase / Drop of the original, TFT and AFT
 maps, and the test accuracy of the original and AFT-tuned models.
 
-Columns (SPEC §A.5): "original" mutes each method's map by its Table 1 default
+Columns (our reading of the TFT paper's Table 3): "original" mutes each method's map by its
+Table 1 default
 (:func:`fastxai.thresholding.naive_threshold`), "TFT" uses the :math:`\\tau^*` map of the original
 model, "AFT" the AFT model's map with the same default muting and no TFT. The explained class is
 each model's top-1 prediction; masked images are binary-masked (the paper's definition).

@@ -2,10 +2,11 @@
 
 For every image :math:`x_i` the chosen CAM method gives a map, TFT picks :math:`\\tau^*` and the
 mask :math:`M_{\\tau^*}(x_i)` (input resolution), and the AFT target is that mask pooled to the
-explained layer's resolution ``(h, w)``: ``avg`` gives the kept fraction of each cell (SPEC §A.4),
-``nearest`` the mask at the cells' sampled pixels. Each rank of a distributed job handles the
-indices ``rank, rank + world_size, ...``; a rerun skips every index a complete shard already holds,
-so a killed job continues where it stopped (at most one unwritten shard per rank is redone).
+explained layer's resolution ``(h, w)`` (the paper's §4.2 leaves the reduction open): ``avg`` gives
+the kept fraction of each cell, ``nearest`` the mask at the cells' sampled pixels. Each rank of a
+distributed job handles the indices ``rank, rank + world_size, ...``; a rerun skips every index a
+complete shard already holds, so a killed job continues where it stopped (at most one unwritten
+shard per rank is redone).
 """
 
 from __future__ import annotations

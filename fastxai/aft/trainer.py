@@ -1,4 +1,4 @@
-"""Activation fine-tuning, Eq. 8 of Han, Lee and Lee (2022) (SPEC §A.4).
+"""Activation fine-tuning, Eq. 8 of Han, Lee and Lee (2022), §4.2.
 
 .. math::
     \\min_{w_1, w_2, w'} \\frac1n \\sum_i \\mathrm{CE}(f(x_i; w_0, w_1, w_2), y_i)
@@ -41,7 +41,7 @@ _RESUMABLE_CHANGES = {"epochs", "compile", "progress"}
 
 @dataclass
 class AFTConfig:
-    """Hyperparameters of Eq. 8. The paper gives none; the defaults are SPEC §A.4's proposals.
+    """Hyperparameters of Eq. 8. The paper gives none; the defaults are ours (docs in this module).
 
     Attributes:
         lam: :math:`\\lambda`, the weight of the mask term.

@@ -1,4 +1,4 @@
-"""The AFT tuner network (Han, Lee and Lee 2022, §4.2.1; SPEC §A.4)."""
+"""The AFT tuner network (Han, Lee and Lee 2022, §4.2.1)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ TUNER_CHANNELS = 3  # the paper's "three 1x1 convolution filters" of the first l
 class Tuner(nn.Module):
     r"""Two 1x1 convolutions that reduce an activation ``(N, K, h, w)`` to a map ``(N, 1, h, w)``.
 
-    Default (SPEC proposal): :math:`t(A) = \sigma(W_2\,\mathrm{ReLU}(W_1 A + b_1) + b_2)` with
+    Default (ours; the paper names no nonlinearity):
+    :math:`t(A) = \sigma(W_2\,\mathrm{ReLU}(W_1 A + b_1) + b_2)` with
     :math:`W_1 \in \mathbb{R}^{3 \times K}`, :math:`W_2 \in \mathbb{R}^{1 \times 3}` applied at
     every position, so the output lies in (0, 1) like the pooled TFT mask it is fitted to.
     ``linear=True`` is the paper's literal reading, :math:`t(A) = W_2 (W_1 A + b_1) + b_2`, which
