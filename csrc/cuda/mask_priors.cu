@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "fastxai/cam_prior_checks.h"
@@ -76,7 +77,8 @@ __device__ Neighbourhood<scalar_t> neighbourhood_at(
   return load_neighbourhood<scalar_t>(above, row, below, pixel % width, width);
 }
 
-// blockIdx.x: chunk of the plane, blockIdx.y: plane (sample * channels + channel).
+// blockIdx.x: plane (sample * channels + channel; up to 2^31 - 1), blockIdx.y: chunk of the
+// plane (at most kMaxChunksPerPlane, far below gridDim.y's 65535).
 template <bool kEightNeighbours, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreadsPerBlock) mask_priors_partial_kernel(
     const scalar_t* __restrict__ p,
@@ -84,15 +86,15 @@ __global__ void __launch_bounds__(kThreadsPerBlock) mask_priors_partial_kernel(
     int64_t height,
     int64_t width) {
   const int64_t pixels = height * width;
-  const scalar_t* plane = p + blockIdx.y * pixels;
+  const scalar_t* plane = p + int64_t{blockIdx.x} * pixels;
   PriorSums<acc_t> sums;
-  for (int64_t pixel = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; pixel < pixels;
-       pixel += int64_t{gridDim.x} * blockDim.x) {
+  for (int64_t pixel = blockIdx.y * int64_t{blockDim.x} + threadIdx.x; pixel < pixels;
+       pixel += int64_t{gridDim.y} * blockDim.x) {
     accumulate_pixel<kEightNeighbours>(neighbourhood_at(plane, height, width, pixel), sums);
   }
   sums = block_sums(sums);
   if (threadIdx.x == 0) {
-    partials[int64_t{blockIdx.y} * gridDim.x + blockIdx.x] = sums;
+    partials[int64_t{blockIdx.x} * gridDim.y + blockIdx.y] = sums;
   }
 }
 
@@ -146,8 +148,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock) mask_priors_backward_kernel(
 at::Tensor mask_priors_cuda(const at::Tensor& p, int64_t neighbours) {
   check_mask_priors_inputs(p, neighbours);
   TORCH_CHECK(
-      p.size(0) * p.size(1) <= 65535,
-      "mask_priors: at most 65535 planes (N * C) per call on CUDA, got ",
+      p.size(0) * p.size(1) <= std::numeric_limits<int32_t>::max(),
+      "mask_priors: at most 2^31 - 1 planes (N * C) per call on CUDA, got ",
       p.size(0) * p.size(1));
   const c10::cuda::CUDAGuard device_guard(p.device());
   at::Tensor terms = at::empty({p.size(0), 3}, p.options());
@@ -168,7 +170,7 @@ at::Tensor mask_priors_cuda(const at::Tensor& p, int64_t neighbours) {
         {planes * chunks * static_cast<int64_t>(sizeof(PriorSums<acc_t>))},
         p.options().dtype(at::kByte));
     auto* partials = reinterpret_cast<PriorSums<acc_t>*>(workspace.mutable_data_ptr());
-    const dim3 grid(static_cast<unsigned int>(chunks), static_cast<unsigned int>(planes));
+    const dim3 grid(static_cast<unsigned int>(planes), static_cast<unsigned int>(chunks));
     auto launch = [&](auto eight) {
       mask_priors_partial_kernel<decltype(eight)::value, scalar_t, acc_t>
           <<<grid, kThreadsPerBlock, 0, stream>>>(

@@ -44,6 +44,8 @@ def fuse_maps(
         raise ValueError(f"fusion must be 'mean' or 'tanh', got {fusion!r}")
     height, width = int(size[0]), int(size[1])
     chosen = choose_backend("fuse_maps", raws, backend)
+    if backend == "auto" and chosen == "cpp" and raws[0].is_cuda and len(raws) > 16:
+        chosen = "triton"  # the CUDA kernel passes at most 16 layers' pointers in one argument
     if chosen == "cpp":
         return torch.ops.fastxai.fuse_maps(raws, height, width, fusion)
     if chosen == "triton":
