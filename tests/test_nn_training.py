@@ -154,6 +154,38 @@ def test_guided_loss_gradients_equal_hand_written_double_backward(method: str) -
         torch.testing.assert_close(got, want, rtol=0, atol=1e-12)  # BatchNorm updated once
 
 
+def test_two_fused_layers_are_differentiable_too() -> None:
+    """Several layers: fastxai.ops.fuse_maps (its kernels have no backward) must take the
+    differentiable reference; pytorch-grad-cam's mean fusion written out."""
+    model = make_model()
+    reference = copy.deepcopy(model)
+    x, y = images(), torch.tensor([1, 1, 0, 2])
+    explainer = Explainer(model, ["block", "head_conv"], method="layercam", create_graph=True)
+    logits, explanation = explainer(x, y)
+    (F.cross_entropy(logits, y) + explanation.maps.square().mean()).backward()
+
+    a, h = reference.features(x)
+    z = reference.head_conv(F.relu(a) + h)
+    expected = reference.fc(F.relu(reference.head_bn(z)).mean((2, 3)))
+    score = expected.gather(1, y[:, None]).sum()
+    grads = torch.autograd.grad(score, [a, z], create_graph=True)
+    upsampled = [
+        F.interpolate(
+            minmax(hand_raw_map("layercam", reference, t, g, y))[:, None],
+            x.shape[2:],
+            mode="bilinear",
+        )
+        for t, g in zip([a, z], grads, strict=True)
+    ]
+    maps = minmax(torch.cat(upsampled, 1).mean(1))
+    torch.testing.assert_close(explanation.maps, maps, rtol=1e-7, atol=1e-9)
+    (F.cross_entropy(expected, y) + maps.square().mean()).backward()
+    for got, want in zip(parameter_grads(model), parameter_grads(reference), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for got, want in zip(buffers(model), buffers(reference), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+
+
 def test_untraceable_model_takes_the_hook_path_with_the_same_gradients() -> None:
     model = make_model(untraceable=True)
     reference = copy.deepcopy(model)
