@@ -37,9 +37,14 @@ def warn_user(message: str) -> None:
     warnings.warn(message, UserWarning, stacklevel=level)
 
 
-def check_model(model: nn.Module) -> None:
+def check_model(model: nn.Module, forward_of_loss: bool = False) -> None:
+    """``model`` is an ``nn.Module``; warn once per model in training mode, unless the call is
+    the forward of a training step (``forward_of_loss``): a model trained through
+    :class:`fastxai.nn.Explainer` is in training mode on purpose, and is not warned about."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if model.training and forward_of_loss:
+        _WARNED_TRAINING.add(model)
     if model.training and model not in _WARNED_TRAINING:
         _WARNED_TRAINING.add(model)
         warn_user(

@@ -7,6 +7,10 @@ Dropout drops. What training mode would also do, update BatchNorm's running stat
 which also avoids ``torch.func``'s error for an in-place update of a captured buffer inside the
 gradient pass. Every buffer is compared after the call and any other in-place change (a custom
 module's counter) is undone, whether the call returned or raised.
+
+The one exception is a call that is the forward of a training step (``logits_graph`` or
+``create_graph`` with grad enabled, :class:`fastxai.nn.Explainer`): its one forward of the model
+updates the buffers as ``model(x)`` would (once), and only a call that raises gives them back.
 """
 
 from __future__ import annotations
@@ -52,6 +56,24 @@ def buffers_kept(model: nn.Module) -> Iterator[None]:
             for buffer, copy in saved:
                 if not torch.equal(buffer, copy):
                     buffer.copy_(copy)
+
+
+@contextmanager
+def buffers_restored_on_error(model: nn.Module) -> Iterator[None]:
+    """Run the block, which may update ``model``'s buffers (the model's own forward in training
+    mode), and give every buffer its value back if the block raises; free when no module is in
+    training mode and under ``torch.compile``."""
+    if torch.compiler.is_compiling() or not any(m.training for m in model.modules()):
+        yield
+        return
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    except BaseException:
+        with torch.no_grad():
+            for buffer, copy in saved:
+                buffer.copy_(copy)
+        raise
 
 
 @contextmanager

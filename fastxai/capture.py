@@ -4,7 +4,10 @@ The model is split once at the layer into ``prefix`` (input -> layer output plus
 the rest of the network still needs) and ``suffix`` (layer output -> logits) with :mod:`torch.fx`;
 the split is cached per (model, layer) and rebuilt when the model's module structure or mode
 changes. Gradients come from ``torch.func.vjp(suffix, a)``: no parameter gradients, no ``.grad``
-written, no hooks, no change to the user's model. Models that :mod:`torch.fx` cannot trace fall
+written, no hooks, no change to the user's model. With ``logits_graph`` (and grad enabled) the
+forward is the model's own instead: the logits keep their autograd graph to the parameters, and
+``create_graph`` keeps the activation and the gradient in it too (the gradient is differentiable,
+for a loss on the maps). Models that :mod:`torch.fx` cannot trace fall
 back to a forward hook that lives inside one call and clones what it keeps; it serves only the
 thread that registered it (other threads' forwards of the model pass through untouched), and that
 path does not compile with ``torch.compile(fullgraph=True)``.
@@ -162,6 +165,28 @@ class LayerSplit:
         release_graph_module(self.prefix)
         release_graph_module(self._suffix)
 
+    def suffix_on_buffer_copies(
+        self, activation: Tensor, *carry: Any
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """:meth:`suffix` reading and updating copies of its buffers, returned with the output.
+
+        A gradient transform refuses in-place updates of tensors from outside it (BatchNorm's
+        running statistics in training mode): the caller writes the copies back afterwards.
+        Without a module in training mode no buffer changes, and none is copied."""
+        if not any(m.training for m in self._suffix.modules()):
+            return self.suffix(activation, *carry), {}
+        copies = {name: b.clone() for name, b in self._suffix.named_buffers()}
+        cloned = [c.clone() if isinstance(c, Tensor) else c for c in carry]
+        out = torch.func.functional_call(self._suffix, copies, (activation.clone(), *cloned))
+        return out, copies
+
+    def write_back_buffers(self, copies: dict[str, Tensor]) -> None:
+        """Copy what :meth:`suffix_on_buffer_copies` left in its buffer copies into the model."""
+        with torch.no_grad():
+            for name, buffer in self._suffix.named_buffers():
+                if name in copies:
+                    buffer.copy_(copies[name])
+
     def suffix_on_owned(self, activation: Tensor, *carry: Any) -> Tensor:
         """:meth:`suffix` without the defensive clones, for inputs the caller built for this call
         (Ablation-CAM's ablated copies): the network may overwrite them."""
@@ -310,14 +335,30 @@ def capture_layer(
     *,
     with_gradient: bool,
     reshape_transform: ReshapeTransform | None = None,
+    logits_graph: bool = False,
+    create_graph: bool = False,
 ) -> LayerCapture:
     """Run ``model`` on ``x`` once, returning the layer's activation and, if asked, its gradient.
 
     The gradient is :math:`g = \\partial (\\sum_n s_n(f(x)_n)) / \\partial A`, where :math:`s_n`
     is the
     target score of image ``n`` (its class logit, or a callable of its output).
+
+    By default nothing is recorded for autograd and every tensor returned is detached. With
+    ``logits_graph`` or ``create_graph``, when grad is enabled, the forward is the model's own
+    (buffers such as BatchNorm's running statistics update as in ``model(x)``) and the logits
+    keep their graph; ``create_graph`` also keeps the activation and the gradient in it, the
+    gradient taken with its own graph (double backward through it).
     """
     split = get_split(model, layer)
+    if (logits_graph or create_graph) and torch.is_grad_enabled():
+        if split is None:
+            return _capture_with_hook(
+                model, x, layer, targets, with_gradient, reshape_transform, True, create_graph
+            )
+        return _capture_in_graph(
+            split, x, layer, targets, with_gradient, reshape_transform, create_graph
+        )
     with torch.no_grad():
         if split is None:
             return _capture_with_hook(model, x, layer, targets, with_gradient, reshape_transform)
@@ -346,6 +387,48 @@ def capture_layer(
         )
 
 
+def _score_cotangent(resolved: ResolvedTargets, logits: Tensor, create_graph: bool) -> Tensor:
+    """:meth:`ResolvedTargets.cotangent`; with ``create_graph`` a callable's cotangent keeps its
+    dependence on the logits (a softmax score's second derivative), by a composable transform."""
+    if create_graph and resolved.callables is not None:
+        return torch.func.grad(lambda out: resolved.scores(out).sum())(logits)
+    return resolved.cotangent(logits.detach())
+
+
+def _capture_in_graph(
+    split: LayerSplit,
+    x: Tensor,
+    layer: str,
+    targets: Any,
+    with_gradient: bool,
+    reshape_transform: ReshapeTransform | None,
+    create_graph: bool,
+) -> LayerCapture:
+    """:func:`capture_layer` with grad enabled, the logits (and with ``create_graph`` the
+    activation and gradient) in the autograd graph of the parameters and ``x``."""
+    a_raw, *carry = split.prefix(x)
+    g_raw = None
+    if not with_gradient:
+        logits = _check_output(split.suffix(a_raw, *carry), x.shape[0])
+        resolved = resolve_targets(targets, logits.detach())
+    else:
+        # The vjp composes with the outer autograd: its primal output keeps the graph, and its
+        # gradient does too when computed with grad enabled.
+        logits, vjp_fn, copies = torch.func.vjp(
+            lambda a: split.suffix_on_buffer_copies(a, *carry), a_raw, has_aux=True
+        )
+        split.write_back_buffers(copies)
+        logits = _check_output(logits, x.shape[0])
+        resolved = resolve_targets(targets, logits.detach())
+        with torch.set_grad_enabled(create_graph):
+            (g_raw,) = vjp_fn(_score_cotangent(resolved, logits, create_graph))
+    keep = (lambda t: t) if create_graph else Tensor.detach
+    activation = keep(_apply_transform(a_raw, reshape_transform, layer))
+    gradient = None if g_raw is None else keep(_apply_transform(g_raw, reshape_transform, layer))
+    carry = [c.detach() if isinstance(c, Tensor) else c for c in carry]
+    return LayerCapture(activation, gradient, logits, resolved, keep(a_raw), tuple(carry), split)
+
+
 def _capture_with_hook(
     model: nn.Module,
     x: Tensor,
@@ -353,6 +436,8 @@ def _capture_with_hook(
     targets: Any,
     with_gradient: bool,
     reshape_transform: ReshapeTransform | None,
+    in_graph: bool = False,
+    create_graph: bool = False,
 ) -> LayerCapture:
     name, call_index = split_layer_ref(layer)
     module = model.get_submodule(name)
@@ -365,13 +450,16 @@ def _capture_with_hook(
         seen.append(output)
         if len(seen) - 1 != call_index:
             return None
-        leaf = output.detach().requires_grad_(with_gradient)
+        if in_graph and output.requires_grad:  # the graph to the parameters before it stays
+            leaf = output
+        else:
+            leaf = output.detach().requires_grad_(with_gradient)
         seen[-1] = leaf
         return leaf.clone()  # the network may modify its copy in place; ours stays intact
 
     handle = module.register_forward_hook(keep_output)
     try:
-        with torch.set_grad_enabled(with_gradient):
+        with torch.set_grad_enabled(with_gradient or in_graph):
             logits = _check_output(model(x), x.shape[0])
     finally:
         handle.remove()
@@ -381,10 +469,25 @@ def _capture_with_hook(
     resolved = resolve_targets(targets, logits.detach())
     gradient = None
     if with_gradient:
-        (g_raw,) = torch.autograd.grad(logits, a_raw, resolved.cotangent(logits.detach()))
-        gradient = _apply_transform(g_raw, reshape_transform, layer).detach()
-    activation = _apply_transform(a_raw.detach(), reshape_transform, layer)
-    return LayerCapture(activation, gradient, logits.detach(), resolved, a_raw.detach(), (), None)
+        (g_raw,) = torch.autograd.grad(
+            logits,
+            a_raw,
+            _score_cotangent(resolved, logits, create_graph),
+            retain_graph=in_graph,
+            create_graph=create_graph,
+        )
+        gradient = _apply_transform(g_raw, reshape_transform, layer)
+    keep = (lambda t: t) if create_graph else Tensor.detach
+    activation = _apply_transform(keep(a_raw), reshape_transform, layer)
+    return LayerCapture(
+        activation,
+        None if gradient is None else keep(gradient),
+        logits if in_graph else logits.detach(),
+        resolved,
+        keep(a_raw),
+        (),
+        None,
+    )
 
 
 def capture_layers(
@@ -395,6 +498,8 @@ def capture_layers(
     *,
     with_gradient: bool,
     reshape_transform: ReshapeTransform | None = None,
+    logits_graph: bool = False,
+    create_graph: bool = False,
 ) -> list[LayerCapture]:
     """:func:`capture_layer` for each layer (one forward and one vector-Jacobian product each)."""
     return [
@@ -405,6 +510,8 @@ def capture_layers(
             targets,
             with_gradient=with_gradient,
             reshape_transform=reshape_transform,
+            logits_graph=logits_graph,
+            create_graph=create_graph,
         )
         for layer in layers
     ]

@@ -212,7 +212,9 @@ def explain_stream(
                 x = torch.cat([x, x.new_zeros((batch_size - n, *x.shape[1:]))])
                 if isinstance(batch_targets, Tensor):  # class 0 for the padding rows
                     batch_targets = torch.cat([batch_targets, labels.new_zeros(batch_size - n)])
-            with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            # No grad: an explanation pass, not a training step (no graph, no buffer updated).
+            autocasting = torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
+            with autocasting, torch.no_grad():
                 _, explanation = run(x, batch_targets)
             if explanation.maps.shape[0] != n:
                 explanation = _first_rows(explanation, n)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from typing import Any, Literal
 
 import torch
@@ -18,7 +19,7 @@ from torch import Tensor, nn
 
 from fastxai import ops
 from fastxai._checks import check_images, check_model, warn_user
-from fastxai._modes import keeps_buffers
+from fastxai._modes import buffers_kept, buffers_restored_on_error
 from fastxai.capture import LayerCapture, ReshapeTransform, capture_layers, resolve_layer
 from fastxai.explanation import Explanation
 from fastxai.methods._projection import first_component_projection
@@ -81,7 +82,6 @@ def in_map_precision(cap: LayerCapture) -> LayerCapture:
     )
 
 
-@keeps_buffers
 def explain_layers(
     model: nn.Module,
     x: Tensor,
@@ -97,26 +97,80 @@ def explain_layers(
     tft: bool = False,
     tft_options: dict[str, Any] | None = None,
     raw_map: RawMapFn | None = None,
+    logits_graph: bool = False,
+    create_graph: bool = False,
 ) -> Explanation:
     """Run a CAM method given by its ``contributions`` function; see :mod:`fastxai.methods`.
 
     ``raw_map``, when given, computes the raw map directly (without ``eigen_smooth``).
+    ``logits_graph`` and ``create_graph`` (with grad enabled): the first layer's capture is the
+    model's own forward (see :func:`fastxai.capture.capture_layer`).
     """
-    check_model(model)
+    in_graph = (logits_graph or create_graph) and torch.is_grad_enabled()
+    check_model(model, forward_of_loss=in_graph)
     layers = normalise_layers(model, layer)
     check_images(model, x)
     if fusion not in ("mean", "tanh"):
         raise ValueError(f"fusion must be 'mean' or 'tanh', got {fusion!r}")
+    if create_graph and (tft or eigen_smooth):
+        option = "tft" if tft else "eigen_smooth"
+        raise ValueError(
+            f"create_graph=True: {option}=True is not differentiable (thresholds or a principal "
+            f"component's sign); pass {option}=False for differentiable maps"
+        )
     if x.shape[0] == 0:
         return empty_explanation(x)
-    captures = capture_layers(
+    capture = functools.partial(
+        capture_layers,
         model,
         x,
-        layers,
-        targets,
+        targets=targets,
         with_gradient=with_gradient,
         reshape_transform=reshape_transform,
+        logits_graph=in_graph,
+        create_graph=create_graph and in_graph,
     )
+    with ExitStack() as buffers:
+        if in_graph:
+            # The first capture is the model's forward: in training mode BatchNorm's running
+            # statistics update once, as in model(x) (undone if the call raises). Every later
+            # forward (other layers, Score-CAM, Ablation-CAM, TFT) changes no buffer.
+            buffers.enter_context(buffers_restored_on_error(model))
+            captures = capture(layers[:1])
+            buffers.enter_context(buffers_kept(model))
+            captures += capture(layers[1:])
+        else:
+            buffers.enter_context(buffers_kept(model))
+            captures = capture(layers)
+        return _explanation_from_captures(
+            model,
+            x,
+            layers,
+            captures,
+            contributions,
+            method=method,
+            fusion=fusion,
+            eigen_smooth=eigen_smooth,
+            tft=tft,
+            tft_options=tft_options,
+            raw_map=raw_map,
+        )
+
+
+def _explanation_from_captures(
+    model: nn.Module,
+    x: Tensor,
+    layers: list[str],
+    captures: list[LayerCapture],
+    contributions: ContributionFn,
+    *,
+    method: str,
+    fusion: Fusion,
+    eigen_smooth: bool,
+    tft: bool,
+    tft_options: dict[str, Any] | None,
+    raw_map: RawMapFn | None,
+) -> Explanation:
     captures = [in_map_precision(cap) for cap in captures]
     raws: list[Tensor] = []
     weights: list[Tensor | None] = []
@@ -156,7 +210,11 @@ def explain_layers(
     if tft:
         from fastxai.thresholding import tft_from_explanation
 
+        # TFT reads the logits' values only; the returned logits keep their graph.
+        logits = explanation.logits
+        explanation.logits = logits.detach()
         explanation = tft_from_explanation(model, x, explanation, **(tft_options or {}))
+        explanation.logits = logits
     return explanation
 
 
@@ -175,6 +233,13 @@ _SHARED_ARGS = """
         fusion: how several layers combine: ``"mean"`` (pytorch-grad-cam) or ``"tanh"``.
         eigen_smooth: replace the channel sum by the first principal component.
         tft_options: keyword arguments for :func:`fastxai.tft` when ``tft=True``.
+        logits_graph: with grad enabled, the call is the model's forward for a loss: the
+            logits keep their autograd graph to the parameters, and in training mode
+            BatchNorm's running statistics update once, as in ``model(x)``.
+        create_graph: with grad enabled, also the maps and ``raw``: the gradient at the layer is
+            taken with its own graph, so a loss on the maps back-propagates to the parameters
+            (double backward). Not for Eigen-CAM, Score-CAM, Ablation-CAM, ``tft`` or
+            ``eigen_smooth``. Under ``torch.no_grad`` both options record nothing.
         **method_options: options of this method (documented above), if any.
 
     Returns:
@@ -190,6 +255,18 @@ _SHARED_ARGS = """
 """
 
 
+DIFFERENTIABLE_METHODS: set[str] = set()  # the methods whose maps support create_graph=True
+
+
+def check_create_graph(method: str, create_graph: bool) -> None:
+    """One-line error for ``create_graph=True`` on a method whose maps are not differentiable."""
+    if create_graph and method not in DIFFERENTIABLE_METHODS:
+        raise ValueError(
+            f"create_graph=True: {method}'s maps are not differentiable in the model's "
+            f"parameters; use one of {sorted(DIFFERENTIABLE_METHODS)}"
+        )
+
+
 def make_cam_method(
     name: str,
     contributions: ContributionFn,
@@ -197,12 +274,17 @@ def make_cam_method(
     with_gradient: bool,
     summary: str,
     raw_map: RawMapFn | None = None,
+    differentiable: bool = True,
 ) -> Callable[..., Explanation]:
     """Build the public function of a CAM method from its ``contributions`` rule.
 
     Options beyond the shared signature are passed to ``contributions`` (and ``raw_map``, the
-    fused channel sum, when the method has one) as keyword arguments.
+    fused channel sum, when the method has one) as keyword arguments. ``differentiable``: the
+    contributions are differentiable in the captured activation and gradient
+    (``create_graph=True`` is supported).
     """
+    if differentiable:
+        DIFFERENTIABLE_METHODS.add(name)
 
     def explain(
         model: nn.Module,
@@ -215,8 +297,12 @@ def make_cam_method(
         fusion: Fusion = "mean",
         eigen_smooth: bool = False,
         tft_options: dict[str, Any] | None = None,
+        logits_graph: bool = False,
+        create_graph: bool = False,
         **method_options: Any,
     ) -> Explanation:
+        check_create_graph(name, create_graph)
+
         def bound(cap: LayerCapture, m: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | None]:
             return contributions(cap, m, images, **method_options)
 
@@ -234,6 +320,8 @@ def make_cam_method(
             tft=tft,
             tft_options=tft_options,
             raw_map=None if raw_map is None else functools.partial(raw_map, **method_options),
+            logits_graph=logits_graph,
+            create_graph=create_graph,
         )
 
     explain.__name__ = explain.__qualname__ = name

@@ -35,7 +35,9 @@ def cam_contributions(
     if cap.targets.callables is not None:
         raise ValueError("targets: CAM explains class indices; callable targets need gradcam")
     head = find_linear_head(model, cap.activation.shape[1], fc)
-    weights = head.weight.detach()[cap.targets.classes].to(cap.activation.dtype)
+    # The head's weight joins the graph only where the activation does (create_graph=True).
+    weight = head.weight if cap.activation.requires_grad else head.weight.detach()
+    weights = weight[cap.targets.classes].to(cap.activation.dtype)
     return weights[:, :, None, None] * cap.activation, weights
 
 

@@ -18,6 +18,7 @@ eigencam = make_cam_method(
     "eigencam",
     eigencam_contributions,
     with_gradient=False,
+    differentiable=False,
     summary=r"""Eigen-CAM: the projection of the layer's activations on their first principal
     component (class-agnostic: ``targets`` only choose what ``Explanation.targets`` reports), then
     ReLU, min-max, bilinear upsampling, min-max. The sign is fixed so that the largest-magnitude

@@ -81,6 +81,7 @@ scorecam = make_cam_method(
     "scorecam",
     scorecam_contributions,
     with_gradient=False,
+    differentiable=False,
     summary=r"""Score-CAM as pytorch-grad-cam computes it:
     :math:`M = \mathrm{ReLU}(\sum_k w_k A_k)`,
     :math:`w = \mathrm{softmax}_k\, y_c(x \odot M_k)` over channels, where :math:`M_k` is channel

@@ -157,6 +157,13 @@ def _compat(cls: type[compat.BaseCAM]) -> Run:
     return run
 
 
+def _explainer_evaluation(m: nn.Module, x: Tensor, t: Any) -> Any:
+    """The Explainer outside a training step (with grad enabled its forward is the step's
+    forward, which updates BatchNorm's running statistics: tests/test_nn_training.py)."""
+    with torch.no_grad():
+        return Explainer(m, "features", tft=True)(x, t)
+
+
 def _stream(m: nn.Module, x: Tensor, t: Any) -> Any:
     return list(explain_stream(m, x, "features", batch_size=1, tft=True, progress=False))
 
@@ -246,7 +253,7 @@ ENTRY_POINTS: list[Entry] = [
         False,
         lambda m, x: metrics.mute_lowest(_maps(m, x), 2.0),  # the map is made, then refused
     ),
-    Entry("nn.Explainer", lambda m, x, t: Explainer(m, "features", tft=True)(x, t)),
+    Entry("nn.Explainer", _explainer_evaluation),
     *[
         Entry(f"compat.{name}", _compat(getattr(compat, name)))
         for name in compat.__all__
