@@ -197,21 +197,21 @@ def _explanation_from_captures(
         extras["weights"] = weights[0] if len(weights) == 1 else weights
     if len(raws) > 1:
         extras["raw_per_layer"] = raws
+    # TFT reads the logits' values only; the returned logits keep their graph.
     classes, logits = first.targets.classes, first.logits
     if tft and len(raws) == 1:
         # The fused path: one op scales the raw map and writes the masked ladder batch.
         from fastxai.thresholding import tft_from_raw
 
-        tuned = tft_from_raw(model, x, raws[0], classes, logits, **(tft_options or {}))
+        tuned = tft_from_raw(model, x, raws[0], classes, logits.detach(), **(tft_options or {}))
         tuned.extras = {**extras, **tuned.extras}
+        tuned.logits = logits
         return tuned
     maps = fuse_layer_maps(raws, (x.shape[2], x.shape[3]), fusion)
     explanation = Explanation(maps=maps, targets=classes, logits=logits, raw=raws[0], extras=extras)
     if tft:
         from fastxai.thresholding import tft_from_explanation
 
-        # TFT reads the logits' values only; the returned logits keep their graph.
-        logits = explanation.logits
         explanation.logits = logits.detach()
         explanation = tft_from_explanation(model, x, explanation, **(tft_options or {}))
         explanation.logits = logits
