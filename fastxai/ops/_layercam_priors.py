@@ -1,5 +1,5 @@
-"""Front doors of ``fastxai::layercam`` and ``fastxai::mask_priors``, with the fake and autograd
-registrations of their C++ ops.
+"""Front doors of ``fastxai::layercam`` and ``fastxai::mask_priors``, and the registration of
+their C++ ops' fakes and autograd (:mod:`fastxai.ops._cam_prior_registrations`).
 
 Backends: ``"auto"`` runs the C++ kernel for CPU tensors when ``fastxai._C`` is loaded, the CUDA
 kernel for CUDA tensors when the extension was built with it and Triton otherwise, and the
@@ -13,6 +13,14 @@ import torch
 from torch import Tensor
 
 from fastxai.ops import reference
+from fastxai.ops._cam_prior_registrations import (
+    layercam_backward_fake,
+    layercam_fake,
+    mask_priors_backward_fake,
+    mask_priors_fake,
+    register_layercam_autograd,
+    register_mask_priors_autograd,
+)
 from fastxai.ops._dispatch import Backend, choose_backend
 from fastxai.ops._extension import has_extension
 
@@ -59,58 +67,12 @@ def mask_priors(p: Tensor, neighbours: int = 4, *, backend: Backend = "auto") ->
 
 def _register_cpp_ops() -> None:
     """Fake kernels and autograd formulas of the C++ ops (which ``fastxai._C`` declares)."""
-
-    @torch.library.register_fake("fastxai::layercam")
-    def _layercam_fake(gradient: Tensor, activation: Tensor) -> Tensor:
-        torch._check(
-            gradient.dim() == 4,
-            lambda: f"layercam: gradient must be (N, C, h, w), got {gradient.dim()} dims",
-        )
-        return gradient.new_empty((gradient.shape[0], gradient.shape[2], gradient.shape[3]))
-
-    @torch.library.register_fake("fastxai::layercam_backward")
-    def _layercam_backward_fake(
-        grad_map: Tensor, gradient: Tensor, activation: Tensor, map: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        return gradient.new_empty(gradient.shape), gradient.new_empty(gradient.shape)
-
-    @torch.library.register_fake("fastxai::mask_priors")
-    def _mask_priors_fake(p: Tensor, neighbours: int = 4) -> Tensor:
-        torch._check(
-            p.dim() == 4, lambda: f"mask_priors: p must be (N, C, H, W), got {p.dim()} dims"
-        )
-        torch._check(
-            neighbours in (4, 8),
-            lambda: f"mask_priors: neighbours must be 4 or 8, got {neighbours}",
-        )
-        return p.new_empty((p.shape[0], 3))
-
-    @torch.library.register_fake("fastxai::mask_priors_backward")
-    def _mask_priors_backward_fake(grad_terms: Tensor, p: Tensor, neighbours: int) -> Tensor:
-        return p.new_empty(p.shape)
-
-    def layercam_setup_context(ctx, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
-        ctx.save_for_backward(*inputs, output)
-
-    def layercam_backward(ctx, grad_map: Tensor) -> tuple[Tensor, Tensor]:
-        gradient, activation, saved_map = ctx.saved_tensors
-        return torch.ops.fastxai.layercam_backward(grad_map, gradient, activation, saved_map)
-
-    def mask_priors_setup_context(ctx, inputs: tuple[Tensor, int], output: Tensor) -> None:
-        p, neighbours = inputs
-        ctx.save_for_backward(p)
-        ctx.neighbours = neighbours
-
-    def mask_priors_backward(ctx, grad_terms: Tensor) -> tuple[Tensor, None]:
-        (p,) = ctx.saved_tensors
-        return torch.ops.fastxai.mask_priors_backward(grad_terms, p, ctx.neighbours), None
-
-    torch.library.register_autograd(
-        "fastxai::layercam", layercam_backward, setup_context=layercam_setup_context
-    )
-    torch.library.register_autograd(
-        "fastxai::mask_priors", mask_priors_backward, setup_context=mask_priors_setup_context
-    )
+    torch.library.register_fake("fastxai::layercam")(layercam_fake)
+    torch.library.register_fake("fastxai::layercam_backward")(layercam_backward_fake)
+    torch.library.register_fake("fastxai::mask_priors")(mask_priors_fake)
+    torch.library.register_fake("fastxai::mask_priors_backward")(mask_priors_backward_fake)
+    register_layercam_autograd("fastxai::layercam", torch.ops.fastxai.layercam_backward)
+    register_mask_priors_autograd("fastxai::mask_priors", torch.ops.fastxai.mask_priors_backward)
 
 
 if has_extension():

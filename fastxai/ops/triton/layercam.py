@@ -13,6 +13,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastxai.ops._cam_prior_registrations import (
+    layercam_backward_fake,
+    layercam_fake,
+    register_layercam_autograd,
+)
 from fastxai.ops.triton._launch import image_and_block, on_device_of
 
 # (channels, pixels) per program. The interpreter (CPU tensors) pays per program, so it gets one
@@ -150,10 +155,7 @@ def layercam_triton(gradient: Tensor, activation: Tensor) -> Tensor:
         return out
 
 
-@layercam_triton.register_fake
-def _layercam_triton_fake(gradient: Tensor, activation: Tensor) -> Tensor:
-    torch._check(gradient.dim() == 4, lambda: "layercam: gradient must be (N, C, h, w)")
-    return gradient.new_empty((gradient.shape[0], gradient.shape[2], gradient.shape[3]))
+layercam_triton.register_fake(layercam_fake)
 
 
 @torch.library.custom_op("fastxai::layercam_backward_triton", mutates_args=())
@@ -192,20 +194,5 @@ def layercam_backward_triton(
         return grad_gradient, grad_activation
 
 
-@layercam_backward_triton.register_fake
-def _layercam_backward_triton_fake(
-    grad_map: Tensor, gradient: Tensor, activation: Tensor, map: Tensor
-) -> tuple[Tensor, Tensor]:
-    return gradient.new_empty(gradient.shape), gradient.new_empty(gradient.shape)
-
-
-def _setup_context(ctx, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
-    ctx.save_for_backward(*inputs, output)
-
-
-def _backward(ctx, grad_map: Tensor) -> tuple[Tensor, Tensor]:
-    gradient, activation, saved_map = ctx.saved_tensors
-    return layercam_backward_triton(grad_map, gradient, activation, saved_map)
-
-
-layercam_triton.register_autograd(_backward, setup_context=_setup_context)
+layercam_backward_triton.register_fake(layercam_backward_fake)
+register_layercam_autograd(layercam_triton, layercam_backward_triton)

@@ -17,6 +17,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastxai.ops._cam_prior_registrations import (
+    mask_priors_backward_fake,
+    mask_priors_fake,
+    register_mask_priors_autograd,
+)
 from fastxai.ops.triton._launch import image_and_block, on_device_of
 
 # (rows, columns) per tile. The interpreter (CPU tensors) pays per program: one large tile.
@@ -190,14 +195,14 @@ def mask_priors_triton(p: Tensor, neighbours: int = 4) -> Tensor:
             BLOCK_W=block_w,
         )
         sums = partial.view(samples, channels * tiles, _PARTIAL_SUMS).sum(1)
-        weighted = sums * torch.tensor(_sum_scales(p, neighbours), dtype=p.dtype, device=p.device)
-        return torch.stack([weighted[:, 0], weighted[:, 1], weighted[:, 2:].sum(1)], 1)
+        # Python-float scales: no host-to-device copy per call (CUDA graphs can capture it).
+        scales = _sum_scales(p, neighbours)
+        weighted = [sums[:, i] * scale for i, scale in enumerate(scales)]
+        tv = weighted[2] + weighted[3] + weighted[4] + weighted[5]
+        return torch.stack([weighted[0], weighted[1], tv], 1)
 
 
-@mask_priors_triton.register_fake
-def _mask_priors_triton_fake(p: Tensor, neighbours: int = 4) -> Tensor:
-    torch._check(p.dim() == 4, lambda: "mask_priors: p must be (N, C, H, W)")
-    return p.new_empty((p.shape[0], 3))
+mask_priors_triton.register_fake(mask_priors_fake)
 
 
 @torch.library.custom_op("fastxai::mask_priors_backward_triton", mutates_args=())
@@ -211,8 +216,9 @@ def mask_priors_backward_triton(grad_terms: Tensor, p: Tensor, neighbours: int) 
             return grad_p
         block_h, block_w, tiles = _tiles(p)
         # Per sample: [area, binarisation, vertical, horizontal, diagonal, anti-diagonal] factors.
-        scales = torch.tensor(_sum_scales(p, neighbours), dtype=p.dtype, device=p.device)
-        factors = (grad_terms[:, [0, 1, 2, 2, 2, 2]] * scales).contiguous()
+        scales = _sum_scales(p, neighbours)
+        upstream = [grad_terms[:, term] for term in (0, 1, 2, 2, 2, 2)]
+        factors = torch.stack([g * scale for g, scale in zip(upstream, scales, strict=True)], 1)
         _mask_priors_backward_kernel[(samples * channels * tiles,)](
             p,
             factors,
@@ -229,20 +235,5 @@ def mask_priors_backward_triton(grad_terms: Tensor, p: Tensor, neighbours: int) 
         return grad_p
 
 
-@mask_priors_backward_triton.register_fake
-def _mask_priors_backward_triton_fake(grad_terms: Tensor, p: Tensor, neighbours: int) -> Tensor:
-    return p.new_empty(p.shape)
-
-
-def _setup_context(ctx, inputs: tuple[Tensor, int], output: Tensor) -> None:
-    p, neighbours = inputs
-    ctx.save_for_backward(p)
-    ctx.neighbours = neighbours
-
-
-def _backward(ctx, grad_terms: Tensor) -> tuple[Tensor, None]:
-    (p,) = ctx.saved_tensors
-    return mask_priors_backward_triton(grad_terms, p, ctx.neighbours), None
-
-
-mask_priors_triton.register_autograd(_backward, setup_context=_setup_context)
+mask_priors_backward_triton.register_fake(mask_priors_backward_fake)
+register_mask_priors_autograd(mask_priors_triton, mask_priors_backward_triton)
