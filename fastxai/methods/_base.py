@@ -191,11 +191,14 @@ def make_cam_method(
     with_gradient: bool,
     summary: str,
     raw_map: RawMapFn | None = None,
+    reads_reshape_transform: bool = False,
 ) -> Callable[..., Explanation]:
     """Build the public function of a CAM method from its ``contributions`` rule.
 
     Options beyond the shared signature are passed to ``contributions`` (and ``raw_map``, the
-    fused channel sum, when the method has one) as keyword arguments.
+    fused channel sum, when the method has one) as keyword arguments; with
+    ``reads_reshape_transform`` so is ``reshape_transform`` (for a method that maps its own
+    derivatives of the raw layer output onto the reshaped grid).
     """
 
     def explain(
@@ -211,8 +214,12 @@ def make_cam_method(
         tft_options: dict[str, Any] | None = None,
         **method_options: Any,
     ) -> Explanation:
+        options = dict(method_options)
+        if reads_reshape_transform:
+            options["reshape_transform"] = reshape_transform
+
         def bound(cap: LayerCapture, m: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | None]:
-            return contributions(cap, m, images, **method_options)
+            return contributions(cap, m, images, **options)
 
         return explain_layers(
             model,
