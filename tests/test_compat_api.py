@@ -301,3 +301,73 @@ def test_tta_transforms_match(tv_model, images):
     assert np.abs(maps - expected).max() <= TOLERANCE
     # the transforms were used: the default augmentation gives other maps
     assert np.abs(maps - compat.GradCAM(model, [model.layer3])(x, aug_smooth=True)).max() > 1e-2
+
+
+@pytest.mark.parametrize("model_name", ["vgg11_bn", "resnet18"])
+def test_fullgrad_matches(tv_model, images, model_name):
+    """Every Conv2d/BatchNorm2d bias term and the input term, against pytorch-grad-cam in
+    float64 (its FullGrad keeps its hooks, so it runs on copies)."""
+    model = tv_model(model_name)
+    x = images(2, 64)
+    got = compat.FullGrad(model, [])(x)
+    smooth = compat.FullGrad(model, [])(x, eigen_smooth=True)
+    expected = run_fullgrad(copy.deepcopy(model), x)
+    truth = run_fullgrad(copy.deepcopy(model).double(), x.double())
+    assert_matches_reference(got, expected, truth, model_name)
+    # eigen_smooth: a projection, whose sign pytorch-grad-cam leaves arbitrary; the other sign's
+    # map is 1 - map (min-max commutes with negation, and bilinear resizing with 1 - z)
+    truth = run_fullgrad(copy.deepcopy(model).double(), x.double(), eigen_smooth=True)
+    for n in range(2):
+        error = min(np.abs(smooth[n] - truth[n]).max(), np.abs(1 - smooth[n] - truth[n]).max())
+        assert error <= TOLERANCE, f"{model_name} eigen_smooth image {n}: {error:.2e}"
+        assert truth[n].max() - truth[n].min() > 0.5
+
+
+def run_fullgrad(model, x, **call):
+    return quiet(lambda: pgc.FullGrad(model, [])(x, None, **call))
+
+
+def test_fullgrad_uses_the_bias_terms(tv_model, images):
+    """The maps are far from the input term alone, so the parity test sees the bias terms."""
+    model = tv_model("vgg11_bn")
+    x = images(2, 64)
+    leaf = x.clone().requires_grad_(True)
+    logits = model(leaf)
+    (grad,) = torch.autograd.grad(logits.max(1).values.sum(), leaf)
+    input_term = fastxai.ops.reference.minmax(
+        fastxai.ops.reference.minmax((grad * x).abs()).sum(1)
+    ).numpy()
+    assert np.abs(compat.FullGrad(model, [])(x) - input_term).max() > 0.1
+
+
+@pytest.mark.parametrize("target_category", [None, 7])
+def test_guided_backprop_matches(tv_model, images, target_category):
+    model = tv_model("resnet18")
+    x = images(1, 64)
+    before = [(m, m.training) for m in model.modules()]
+    got = compat.GuidedBackpropReLUModel(model)(x, target_category)
+    # pytorch-grad-cam swaps the model's ReLUs (and leaves non-in-place ones): run it on a copy
+    expected = quiet(
+        lambda: pgc.GuidedBackpropReLUModel(copy.deepcopy(model))(x.clone(), target_category)
+    )
+    assert got.shape == expected.shape == (64, 64, 3) and got.dtype == np.float32
+    assert np.abs(got - expected).max() <= 1e-6 * np.abs(expected).max()
+    # the guidance matters: the plain input gradient differs
+    leaf = x.clone().requires_grad_(True)
+    logits = model(leaf)
+    category = int(logits[0].argmax()) if target_category is None else target_category
+    (plain,) = torch.autograd.grad(logits[0, category], leaf)
+    plain = plain[0].permute(1, 2, 0).numpy()
+    assert np.abs(plain - expected).max() > 0.1 * np.abs(expected).max()
+    assert all(isinstance(m, torch.nn.ReLU) for m in model.modules() if "ReLU" in type(m).__name__)
+    assert not any(m._forward_hooks for m in model.modules())
+    assert [(m, m.training) for m in model.modules()] == before
+
+
+def test_guided_backprop_bad_input(tv_model, images):
+    model = tv_model("resnet18")
+    with pytest.raises(ValueError, match="target_category"):
+        compat.GuidedBackpropReLUModel(model)(images(1, 32), 1000)
+    with pytest.raises(ValueError, match="device"):
+        compat.GuidedBackpropReLUModel(model, device="meta")
+    assert not any(m._forward_hooks for m in model.modules())

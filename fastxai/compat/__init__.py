@@ -6,13 +6,13 @@ eigen_smooth)``) and returns the same float32 numpy array ``(N, H, W)`` in [0, 1
 
 Classes: ``GradCAM``, ``GradCAMPlusPlus``, ``XGradCAM``, ``LayerCAM``, ``HiResCAM``,
 ``GradCAMElementWise``, ``ShapleyCAM``, ``EigenCAM``, ``EigenGradCAM``, ``KPCA_CAM``,
-``RandomCAM``, ``ScoreCAM``, ``AblationCAM``, ``FinerCAM`` and ``BaseCAM`` (whose constructor
-takes ``compute_input_gradient``, ``uses_gradients``, ``tta_transforms`` and ``detach``, and
-whose subclasses may override ``get_cam_weights`` or ``get_cam_image``, as in pytorch-grad-cam).
-Helpers: :mod:`fastxai.compat.utils.model_targets`, :mod:`fastxai.compat.utils.image` and
-:mod:`fastxai.compat.utils.reshape_transforms`. Not provided: ``FullGrad``,
-``GuidedBackpropReLUModel``, ``FEM``, ``SegEigenCAM``, ``RefineCAM``, ``SESS`` and deep feature
-factorisation.
+``RandomCAM``, ``ScoreCAM``, ``AblationCAM``, ``FinerCAM``, ``FullGrad``,
+``GuidedBackpropReLUModel`` and ``BaseCAM`` (whose constructor takes ``compute_input_gradient``,
+``uses_gradients``, ``tta_transforms`` and ``detach``, and whose subclasses may override
+``get_cam_weights`` or ``get_cam_image``, as in pytorch-grad-cam). Helpers:
+:mod:`fastxai.compat.utils.model_targets`, :mod:`fastxai.compat.utils.image` and
+:mod:`fastxai.compat.utils.reshape_transforms`. Not provided: ``FEM``, ``SegEigenCAM``,
+``RefineCAM``, ``SESS``, ``AblationLayer`` and deep feature factorisation.
 
 Differences, all deliberate:
 
@@ -34,6 +34,12 @@ Differences, all deliberate:
 - Shapley-CAM needs a model that torch.fx can split at the layer, and applies
   ``reshape_transform`` to the activations too (pytorch-grad-cam weighs the untransformed ones,
   which fails for token outputs);
+- FullGrad reads the biases when called (pytorch-grad-cam when constructed) and sums each
+  layer's channels before upsampling (bilinear resizing is linear, so only rounding differs);
+- ``GuidedBackpropReLUModel`` guides the ReLUs through forward hooks removed after the call
+  (pytorch-grad-cam swaps them for modules and leaves non-in-place ``nn.ReLU`` behind), never
+  moves the model (a ``device`` other than the model's is an error) and refuses a
+  ``target_category`` that is not a class index;
 - ``compute_input_gradient`` and ``detach`` are accepted; the first changes nothing (no method
   needs the input's gradient), the second only decides whether the subclass hooks receive
   NumPy arrays or tensors.
@@ -56,6 +62,8 @@ from fastxai.compat.cams import (
     XGradCAM,
 )
 from fastxai.compat.finer_cam import FinerCAM
+from fastxai.compat.fullgrad import FullGrad
+from fastxai.compat.guided_backprop import GuidedBackpropReLUModel
 
 __all__ = [
     "KPCA_CAM",
@@ -64,9 +72,11 @@ __all__ = [
     "EigenCAM",
     "EigenGradCAM",
     "FinerCAM",
+    "FullGrad",
     "GradCAM",
     "GradCAMElementWise",
     "GradCAMPlusPlus",
+    "GuidedBackpropReLUModel",
     "HiResCAM",
     "LayerCAM",
     "RandomCAM",

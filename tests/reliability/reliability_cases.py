@@ -254,6 +254,13 @@ def _compat_entry(name: str) -> Entry:
             _compat(cls),
             midway=lambda m, x: cls(m, [m.features], _exploding_transform)(x),
         )
+    if name == "GuidedBackpropReLUModel":  # explains the first image for a class index
+        return Entry(
+            f"compat.{name}",
+            lambda m, x, t: cls(m)(x, t if isinstance(t, int) else None),
+            takes_targets=False,
+            midway=lambda m, x: cls(m)(x, 10**6),  # refused once the logits exist
+        )
     if name == "RandomCAM":  # draws from NumPy's global generator, as pytorch-grad-cam
         return Entry(f"compat.{name}", _seeded_numpy(_compat(cls)))
     return Entry(f"compat.{name}", _compat(cls))
