@@ -30,7 +30,7 @@ Differences, all deliberate:
   value positive; KPCA-CAM's scikit-learn reference fixes it the same way);
 - KPCA-CAM computes the kernel PCA in float64 with torch (no scikit-learn), so it is closer to
   the exact result than pytorch-grad-cam's float32 one; kernels: sigmoid, rbf, poly, linear,
-  cosine, laplacian;
+  cosine;
 - Shapley-CAM needs a model that torch.fx can split at the layer, and applies
   ``reshape_transform`` to the activations too (pytorch-grad-cam weighs the untransformed ones,
   which fails for token outputs);

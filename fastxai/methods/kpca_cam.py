@@ -9,7 +9,7 @@ from fastxai.capture import LayerCapture
 from fastxai.methods._base import make_cam_method
 from fastxai.methods._projection import positive_peak
 
-KERNELS = ("linear", "poly", "rbf", "sigmoid", "cosine", "laplacian")
+KERNELS = ("linear", "poly", "rbf", "sigmoid", "cosine")
 
 
 def kernel_matrix(data: Tensor, kernel: str, gamma: float, degree: int, coef0: float) -> Tensor:
@@ -17,7 +17,7 @@ def kernel_matrix(data: Tensor, kernel: str, gamma: float, degree: int, coef0: f
 
     linear :math:`x^\top y`; poly :math:`(\gamma x^\top y + c_0)^d`; rbf
     :math:`e^{-\gamma \|x - y\|^2}`; sigmoid :math:`\tanh(\gamma x^\top y + c_0)`; cosine
-    :math:`x^\top y / (\|x\| \|y\|)` (0 for a zero row); laplacian :math:`e^{-\gamma \|x - y\|_1}`.
+    :math:`x^\top y / (\|x\| \|y\|)` (0 for a zero row).
     """
     if kernel == "linear":
         return data @ data.transpose(1, 2)
@@ -29,9 +29,7 @@ def kernel_matrix(data: Tensor, kernel: str, gamma: float, degree: int, coef0: f
         norms = data.norm(dim=2, keepdim=True)
         unit = data / torch.where(norms == 0, torch.ones_like(norms), norms)
         return unit @ unit.transpose(1, 2)
-    if kernel == "rbf":
-        return torch.exp(-gamma * torch.cdist(data, data).square())
-    return torch.exp(-gamma * torch.cdist(data, data, p=1))
+    return torch.exp(-gamma * torch.cdist(data, data).square())  # rbf
 
 
 def kernel_first_component(
@@ -83,7 +81,7 @@ kpcacam = make_cam_method(
     summary=r"""KPCA-CAM: each position's score on the first kernel principal component of the
     layer's activations (class-agnostic: ``targets`` only choose what ``Explanation.targets``
     reports), then ReLU, min-max, bilinear upsampling, min-max. ``kernel=`` one of ``"sigmoid"``
-    (default), ``"rbf"``, ``"poly"`` (degree 3), ``"linear"``, ``"cosine"``, ``"laplacian"``
-    with ``coef0`` 1; ``gamma=`` defaults to 1 / channels. See
+    (default), ``"rbf"``, ``"poly"`` (degree 3), ``"linear"`` or ``"cosine"``, with ``coef0``
+    1; ``gamma=`` defaults to 1 / channels. See
     :func:`~fastxai.methods.kpca_cam.kernel_first_component`.""",
 )
