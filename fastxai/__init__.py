@@ -1,8 +1,9 @@
 """fastxai: faithful and fast CAM-family explanations for PyTorch.
 
 Functional API: ``fastxai.gradcam(model, x, layer, targets=None, *, tft=False)`` and the same for
-``cam``, ``gradcampp``, ``xgradcam``, ``layercam``, ``hirescam``, ``eigencam``, ``ablationcam``
-and ``scorecam``; each returns an :class:`Explanation` of tensors on ``x``'s device.
+``cam``, ``gradcampp``, ``xgradcam``, ``layercam``, ``hirescam``, ``gradcamelementwise``,
+``shapleycam``, ``eigencam``, ``eigengradcam``, ``kpcacam``, ``randomcam``, ``ablationcam`` and
+``scorecam``; each returns an :class:`Explanation` of tensors on ``x``'s device.
 pytorch-grad-cam compatible classes live in :mod:`fastxai.compat`.
 
 Sharing Ratio Decomposition: ``fastxai.srd(model, x, targets=None, rule="contrastive")``,
@@ -24,11 +25,16 @@ from fastxai.methods import (
     ablationcam,
     cam,
     eigencam,
+    eigengradcam,
     gradcam,
+    gradcamelementwise,
     gradcampp,
     hirescam,
+    kpcacam,
     layercam,
+    randomcam,
     scorecam,
+    shapleycam,
     xgradcam,
 )
 from fastxai.ops import has_extension
@@ -44,17 +50,22 @@ __all__ = [
     "apop_agreement",
     "cam",
     "eigencam",
+    "eigengradcam",
     "explain_dataset",
     "explain_stream",
     "gradcam",
+    "gradcamelementwise",
     "gradcampp",
     "has_extension",
     "hirescam",
     "io",
+    "kpcacam",
     "layercam",
     "metrics",
     "nn",
+    "randomcam",
     "scorecam",
+    "shapleycam",
     "srd",
     "srd_erf",
     "tft",

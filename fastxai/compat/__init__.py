@@ -2,8 +2,19 @@
 
 ``from fastxai.compat import GradCAM`` takes the constructor and call of pytorch-grad-cam 1.5.7
 (``GradCAM(model, target_layers, reshape_transform=None)(input_tensor, targets, aug_smooth,
-eigen_smooth)``) and returns the same float32 numpy array ``(N, H, W)`` in [0, 1]. Differences,
-all deliberate:
+eigen_smooth)``) and returns the same float32 numpy array ``(N, H, W)`` in [0, 1].
+
+Classes: ``GradCAM``, ``GradCAMPlusPlus``, ``XGradCAM``, ``LayerCAM``, ``HiResCAM``,
+``GradCAMElementWise``, ``ShapleyCAM``, ``EigenCAM``, ``EigenGradCAM``, ``KPCA_CAM``,
+``RandomCAM``, ``ScoreCAM``, ``AblationCAM``, ``FinerCAM``, ``FullGrad``,
+``GuidedBackpropReLUModel`` and ``BaseCAM`` (whose constructor takes ``compute_input_gradient``,
+``uses_gradients``, ``tta_transforms`` and ``detach``, and whose subclasses may override
+``get_cam_weights`` or ``get_cam_image``, as in pytorch-grad-cam). Helpers:
+:mod:`fastxai.compat.utils.model_targets`, :mod:`fastxai.compat.utils.image` and
+:mod:`fastxai.compat.utils.reshape_transforms`. Not provided: ``FEM``, ``SegEigenCAM``,
+``RefineCAM``, ``SESS``, ``AblationLayer`` and deep feature factorisation.
+
+Differences, all deliberate:
 
 - the model is never changed: no hooks, no ``.grad``, no layer swapping, and its mode stays as
   it is: a model in training mode is explained in eval mode, as pytorch-grad-cam explains it
@@ -15,194 +26,61 @@ all deliberate:
   ReLU overwrote (e.g. vgg16 ``features[28]``, resnet ``layer1[0].bn1``): there the two differ;
 - Ablation-CAM sets the ablated channel to 0 (the paper), also where the layer can be negative
   (pytorch-grad-cam uses min - 1e7 there), and re-runs only the network after the layer;
-- Eigen-CAM / ``eigen_smooth`` fix the arbitrary SVD sign (largest-magnitude value positive).
+- Eigen-CAM, Eigen-Grad-CAM and ``eigen_smooth`` fix the arbitrary SVD sign (largest-magnitude
+  value positive; KPCA-CAM's scikit-learn reference fixes it the same way);
+- KPCA-CAM computes the kernel PCA in float64 with torch (no scikit-learn), so it is closer to
+  the exact result than pytorch-grad-cam's float32 one; kernels: sigmoid, rbf, poly, linear,
+  cosine;
+- Shapley-CAM needs a model that torch.fx can split at the layer, and applies
+  ``reshape_transform`` to the activations too (pytorch-grad-cam weighs the untransformed ones,
+  which fails for token outputs);
+- FullGrad reads the biases when called (pytorch-grad-cam when constructed) and sums each
+  layer's channels before upsampling (bilinear resizing is linear, so only rounding differs);
+- ``GuidedBackpropReLUModel`` guides the ReLUs through forward hooks removed after the call
+  (pytorch-grad-cam swaps them for modules and leaves non-in-place ``nn.ReLU`` behind), never
+  moves the model (a ``device`` other than the model's is an error) and refuses a
+  ``target_category`` that is not a class index;
+- ``compute_input_gradient`` and ``detach`` are accepted; the first changes nothing (no method
+  needs the input's gradient), the second only decides whether the subclass hooks receive
+  NumPy arrays or tensors.
 """
 
-from __future__ import annotations
-
-from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
-
-import numpy as np
-from torch import Tensor, nn
-
-from fastxai import methods
-from fastxai._checks import model_device
-from fastxai._modes import evaluated
-from fastxai.capture import ReshapeTransform
-from fastxai.explanation import Explanation
-
-# ttach's default in pytorch-grad-cam: horizontal flip x multiply by {0.9, 1, 1.1}
-_AUGMENTATIONS = [(flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1)]
-
-
-class BaseCAM:
-    """A pytorch-grad-cam style explainer around one fastxai method."""
-
-    method: ClassVar[Callable[..., Explanation]]
-
-    def __init__(
-        self,
-        model: nn.Module,
-        target_layers: Sequence[nn.Module],
-        reshape_transform: ReshapeTransform | None = None,
-    ) -> None:
-        if not isinstance(target_layers, (list, tuple)) or not target_layers:
-            raise ValueError("target_layers must be a non-empty list of modules")
-        self.model = model
-        self.target_layers = list(target_layers)
-        self.reshape_transform = reshape_transform
-        self.outputs: Tensor | None = None
-        self.batch_size: int | None = None
-
-    def _method_options(self) -> dict[str, Any]:
-        return {}
-
-    def _targets(self, targets: Sequence[Callable] | None, n: int) -> Any:
-        if targets is None:
-            return None
-        targets = list(targets)
-        if len(targets) == 1 and n > 1:
-            return targets * n
-        return targets
-
-    def _explain(self, x: Tensor, targets: Any, eigen_smooth: bool) -> Explanation:
-        with evaluated(self.model):
-            explanation = type(self).method(
-                self.model,
-                x,
-                self.target_layers,
-                self._targets(targets, x.shape[0]),
-                reshape_transform=self.reshape_transform,
-                eigen_smooth=eigen_smooth,
-                **self._method_options(),
-            )
-        self.outputs = explanation.logits
-        return explanation
-
-    def forward(
-        self, input_tensor: Tensor, targets: Sequence[Callable] | None, eigen_smooth: bool = False
-    ) -> np.ndarray:
-        device = model_device(self.model)
-        x = input_tensor.to(device) if device is not None else input_tensor
-        return self._explain(x, targets, eigen_smooth).numpy()
-
-    def forward_augmentation_smoothing(
-        self, input_tensor: Tensor, targets: Sequence[Callable] | None, eigen_smooth: bool = False
-    ) -> np.ndarray:
-        """Mean of the maps of the 6 flipped / scaled copies, each mapped back (not rescaled)."""
-        device = model_device(self.model)
-        x = input_tensor.to(device) if device is not None else input_tensor
-        total = None
-        for flip, factor in _AUGMENTATIONS:
-            augmented = x * factor
-            if flip:
-                augmented = augmented.flip(-1)
-            maps = self._explain(augmented, targets, eigen_smooth).maps
-            if flip:
-                maps = maps.flip(-1)
-            total = maps if total is None else total + maps
-        return (total / len(_AUGMENTATIONS)).float().cpu().numpy()
-
-    def __call__(
-        self,
-        input_tensor: Tensor,
-        targets: Sequence[Callable] | None = None,
-        aug_smooth: bool = False,
-        eigen_smooth: bool = False,
-    ) -> np.ndarray:
-        if not isinstance(input_tensor, Tensor):
-            raise TypeError(
-                f"input_tensor must be a torch.Tensor (N, C, H, W), got "
-                f"{type(input_tensor).__name__} (torch.from_numpy converts an array)"
-            )
-        if aug_smooth:
-            return self.forward_augmentation_smoothing(input_tensor, targets, eigen_smooth)
-        return self.forward(input_tensor, targets, eigen_smooth)
-
-    def release(self) -> None:
-        """Nothing to release (fastxai registers no hooks); kept for API compatibility."""
-        self.outputs = None
-
-    def __enter__(self) -> BaseCAM:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-class GradCAM(BaseCAM):
-    method = methods.gradcam
-
-
-class GradCAMPlusPlus(BaseCAM):
-    method = methods.gradcampp
-
-
-class XGradCAM(BaseCAM):
-    method = methods.xgradcam
-
-
-class LayerCAM(BaseCAM):
-    method = methods.layercam
-
-
-class HiResCAM(BaseCAM):
-    method = methods.hirescam
-
-
-class EigenCAM(BaseCAM):
-    method = methods.eigencam
-
-    def _explain(self, x: Tensor, targets: Any, eigen_smooth: bool) -> Explanation:
-        return super()._explain(x, targets, eigen_smooth=False)  # already a projection
-
-
-class _PerturbationCAM(BaseCAM):
-    """Methods that run many perturbed forwards honour ``batch_size`` (None: chosen by memory)."""
-
-    def _method_options(self) -> dict[str, Any]:
-        return {"batch_size": self.batch_size}
-
-
-class ScoreCAM(_PerturbationCAM):
-    method = methods.scorecam
-
-
-class AblationCAM(_PerturbationCAM):
-    method = methods.ablationcam
-
-    def __init__(
-        self,
-        model: nn.Module,
-        target_layers: Sequence[nn.Module],
-        reshape_transform: ReshapeTransform | None = None,
-        ablation_layer: nn.Module | None = None,
-        batch_size: int | None = None,
-        ratio_channels_to_ablate: float = 1.0,
-    ) -> None:
-        super().__init__(model, target_layers, reshape_transform)
-        if ablation_layer is not None:
-            raise ValueError(
-                "ablation_layer: fastxai ablates channels itself (set to 0, suffix-only re-runs); "
-                "custom ablation layers are not supported"
-            )
-        if ratio_channels_to_ablate != 1.0:
-            raise ValueError(
-                "ratio_channels_to_ablate: only 1.0 (every channel) is supported; fastxai "
-                "re-runs only the network after the layer, so ablating all channels is cheap"
-            )
-        self.batch_size = batch_size
-
+from fastxai.compat._base import BaseCAM
+from fastxai.compat.cams import (
+    KPCA_CAM,
+    AblationCAM,
+    EigenCAM,
+    EigenGradCAM,
+    GradCAM,
+    GradCAMElementWise,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    RandomCAM,
+    ScoreCAM,
+    ShapleyCAM,
+    XGradCAM,
+)
+from fastxai.compat.finer_cam import FinerCAM
+from fastxai.compat.fullgrad import FullGrad
+from fastxai.compat.guided_backprop import GuidedBackpropReLUModel
 
 __all__ = [
+    "KPCA_CAM",
     "AblationCAM",
     "BaseCAM",
     "EigenCAM",
+    "EigenGradCAM",
+    "FinerCAM",
+    "FullGrad",
     "GradCAM",
+    "GradCAMElementWise",
     "GradCAMPlusPlus",
+    "GuidedBackpropReLUModel",
     "HiResCAM",
     "LayerCAM",
+    "RandomCAM",
     "ScoreCAM",
+    "ShapleyCAM",
     "XGradCAM",
 ]

@@ -3,11 +3,16 @@
 from fastxai.methods.ablation_cam import ablationcam
 from fastxai.methods.class_activation import cam
 from fastxai.methods.eigen_cam import eigencam
+from fastxai.methods.eigen_grad_cam import eigengradcam
 from fastxai.methods.grad_cam import gradcam
+from fastxai.methods.grad_cam_elementwise import gradcamelementwise
 from fastxai.methods.grad_cam_pp import gradcampp
 from fastxai.methods.hires_cam import hirescam
+from fastxai.methods.kpca_cam import kpcacam
 from fastxai.methods.layer_cam import layercam
+from fastxai.methods.random_cam import randomcam
 from fastxai.methods.score_cam import scorecam
+from fastxai.methods.shapley_cam import shapleycam
 from fastxai.methods.xgrad_cam import xgradcam
 
 METHODS = {
@@ -17,7 +22,12 @@ METHODS = {
     "xgradcam": xgradcam,
     "layercam": layercam,
     "hirescam": hirescam,
+    "gradcamelementwise": gradcamelementwise,
+    "shapleycam": shapleycam,
     "eigencam": eigencam,
+    "eigengradcam": eigengradcam,
+    "kpcacam": kpcacam,
+    "randomcam": randomcam,
     "ablationcam": ablationcam,
     "scorecam": scorecam,
 }
@@ -27,10 +37,15 @@ __all__ = [
     "ablationcam",
     "cam",
     "eigencam",
+    "eigengradcam",
     "gradcam",
+    "gradcamelementwise",
     "gradcampp",
     "hirescam",
+    "kpcacam",
     "layercam",
+    "randomcam",
     "scorecam",
+    "shapleycam",
     "xgradcam",
 ]

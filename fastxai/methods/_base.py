@@ -275,11 +275,14 @@ def make_cam_method(
     summary: str,
     raw_map: RawMapFn | None = None,
     differentiable: bool = True,
+    reads_reshape_transform: bool = False,
 ) -> Callable[..., Explanation]:
     """Build the public function of a CAM method from its ``contributions`` rule.
 
     Options beyond the shared signature are passed to ``contributions`` (and ``raw_map``, the
-    fused channel sum, when the method has one) as keyword arguments. ``differentiable``: the
+    fused channel sum, when the method has one) as keyword arguments; with
+    ``reads_reshape_transform`` so is ``reshape_transform`` (for a method that maps its own
+    derivatives of the raw layer output onto the reshaped grid). ``differentiable``: the
     contributions are differentiable in the captured activation and gradient
     (``create_graph=True`` is supported).
     """
@@ -302,9 +305,12 @@ def make_cam_method(
         **method_options: Any,
     ) -> Explanation:
         check_create_graph(name, create_graph)
+        options = dict(method_options)
+        if reads_reshape_transform:
+            options["reshape_transform"] = reshape_transform
 
         def bound(cap: LayerCapture, m: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | None]:
-            return contributions(cap, m, images, **method_options)
+            return contributions(cap, m, images, **options)
 
         return explain_layers(
             model,

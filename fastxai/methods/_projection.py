@@ -22,6 +22,11 @@ def first_component_projection(contributions: Tensor) -> Tensor:
         return contributions.new_zeros((n, h, w))
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
     projection = (centred @ vh[:, 0, :, None])[..., 0]
+    return positive_peak(projection).view(n, h, w).to(contributions.dtype)
+
+
+def positive_peak(projection: Tensor) -> Tensor:
+    """``(N, P)`` projections, each negated where its largest-magnitude value is negative: the
+    sign convention for eigenvectors, whose sign is otherwise arbitrary."""
     peak = projection.gather(1, projection.abs().argmax(1, keepdim=True))
-    projection = torch.where(peak < 0, -projection, projection)
-    return projection.view(n, h, w).to(contributions.dtype)
+    return torch.where(peak < 0, -projection, projection)

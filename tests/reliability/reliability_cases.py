@@ -221,16 +221,60 @@ def _exploding_transform(t: Tensor) -> Tensor:
     raise Boom("reshape_transform failed midway")
 
 
-def _eigencam_midway(m: nn.Module, x: Tensor) -> Any:
-    # Eigen-CAM never evaluates targets: fail in the reshape_transform, after the forward.
-    return fastxai.eigencam(m, x, "features", reshape_transform=_exploding_transform)
+# Methods that never evaluate targets: they fail midway in the reshape_transform instead.
+CLASS_AGNOSTIC = ("eigencam", "kpcacam", "randomcam")
+
+
+def _class_agnostic_midway(name: str) -> Callable[[nn.Module, Tensor], Any]:
+    def midway(m: nn.Module, x: Tensor) -> Any:
+        return fastxai.METHODS[name](m, x, "features", reshape_transform=_exploding_transform)
+
+    return midway
+
+
+def _method_entry(name: str) -> Entry:
+    if name == "randomcam":  # a fresh seed per call, so that repeated calls can be compared
+        return Entry(
+            name,
+            lambda m, x, t: fastxai.randomcam(
+                m, x, "features", t, generator=torch.Generator().manual_seed(0)
+            ),
+            midway=_class_agnostic_midway(name),
+        )
+    midway = _class_agnostic_midway(name) if name in CLASS_AGNOSTIC else None
+    return Entry(name, _method(name), midway=midway)
+
+
+def _seeded_numpy(run: Run) -> Run:
+    def seeded(m: nn.Module, x: Tensor, t: Any) -> Any:
+        np.random.seed(0)
+        return run(m, x, t)
+
+    return seeded
+
+
+def _compat_entry(name: str) -> Entry:
+    cls = getattr(compat, name)
+    if name in ("EigenCAM", "KPCA_CAM"):
+        return Entry(
+            f"compat.{name}",
+            _compat(cls),
+            midway=lambda m, x: cls(m, [m.features], _exploding_transform)(x),
+        )
+    if name == "GuidedBackpropReLUModel":  # explains the first image for a class index
+        return Entry(
+            f"compat.{name}",
+            lambda m, x, t: cls(m)(x, t if isinstance(t, int) else None),
+            takes_targets=False,
+            midway=lambda m, x: cls(m)(x, 10**6),  # refused once the logits exist
+        )
+    if name == "RandomCAM":  # draws from NumPy's global generator, as pytorch-grad-cam
+        return Entry(f"compat.{name}", _seeded_numpy(_compat(cls)))
+    return Entry(f"compat.{name}", _compat(cls))
 
 
 ENTRY_POINTS: list[Entry] = [
-    *[
-        Entry(name, _method(name), midway=_eigencam_midway if name == "eigencam" else None)
-        for name in sorted(fastxai.METHODS)
-    ],
+    *[_method_entry(name) for name in sorted(fastxai.METHODS)],
     Entry("gradcam tft", _method("gradcam", tft=True)),
     Entry("layercam two layers", _method("layercam", layer=["block", "features"])),
     Entry("scorecam eigen_smooth", _method("scorecam", eigen_smooth=True, batch_size=7)),
@@ -254,16 +298,7 @@ ENTRY_POINTS: list[Entry] = [
         lambda m, x: metrics.mute_lowest(_maps(m, x), 2.0),  # the map is made, then refused
     ),
     Entry("nn.Explainer", _explainer_evaluation),
-    *[
-        Entry(f"compat.{name}", _compat(getattr(compat, name)))
-        for name in compat.__all__
-        if name not in ("BaseCAM", "EigenCAM")
-    ],
-    Entry(
-        "compat.EigenCAM",
-        _compat(compat.EigenCAM),
-        midway=lambda m, x: compat.EigenCAM(m, [m.features], _exploding_transform)(x),
-    ),
+    *[_compat_entry(name) for name in compat.__all__ if name != "BaseCAM"],
     Entry("explain_stream", _stream, False, _stream_midway),
     Entry("explain_dataset", _dataset, False, _dataset_midway),
     Entry(
