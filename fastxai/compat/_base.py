@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from fastxai._checks import model_device
 from fastxai._modes import evaluated
 from fastxai.capture import LayerCapture, ReshapeTransform
+from fastxai.compat._differences import ONE_TARGET_FOR_A_BATCH, SVD_SIGN, warn_once
 from fastxai.compat.utils.model_targets import ClassifierOutputTarget
 from fastxai.explanation import Explanation
 from fastxai.methods._base import explain_layers
@@ -106,6 +107,7 @@ class BaseCAM:
             return None
         targets = list(targets)
         if len(targets) == 1 and n > 1:
+            warn_once(ONE_TARGET_FOR_A_BATCH)
             return targets * n
         return targets
 
@@ -128,6 +130,8 @@ class BaseCAM:
         return contributions
 
     def _explain(self, x: Tensor, targets: Any, eigen_smooth: bool) -> Explanation:
+        if eigen_smooth:
+            warn_once(SVD_SIGN)
         targets = self._targets(targets, x.shape[0])
         with evaluated(self.model):
             if self._uses_hooks():

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from fastxai import methods
 from fastxai.capture import ReshapeTransform
 from fastxai.compat._base import BaseCAM
+from fastxai.compat._differences import SVD_SIGN, warn_once
 from fastxai.explanation import Explanation
 
 
@@ -66,6 +67,10 @@ class _ProjectionCAM(BaseCAM):
 class EigenCAM(_ProjectionCAM):
     method = methods.eigencam
 
+    def _explain(self, x: Tensor, targets: Any, eigen_smooth: bool) -> Explanation:
+        warn_once(SVD_SIGN)
+        return super()._explain(x, targets, eigen_smooth)
+
     def __init__(
         self,
         model: nn.Module,
@@ -77,6 +82,10 @@ class EigenCAM(_ProjectionCAM):
 
 class EigenGradCAM(_ProjectionCAM):
     method = methods.eigengradcam
+
+    def _explain(self, x: Tensor, targets: Any, eigen_smooth: bool) -> Explanation:
+        warn_once(SVD_SIGN)
+        return super()._explain(x, targets, eigen_smooth)
 
 
 class KPCA_CAM(_ProjectionCAM):

@@ -1,0 +1,27 @@
+"""One warning per process for each deliberate difference from pytorch-grad-cam.
+
+A user who switches by changing the import learns once where the maps can differ; the list of
+differences is in :mod:`fastxai.compat`'s docstring.
+"""
+
+from __future__ import annotations
+
+from fastxai._checks import warn_user
+
+_WARNED: set[str] = set()
+
+SVD_SIGN = (
+    "fastxai.compat: the principal component's sign is fixed (largest-magnitude value "
+    "positive); pytorch-grad-cam keeps the SVD's arbitrary sign, so its map can be the ReLU of "
+    "the opposite projection"
+)
+ONE_TARGET_FOR_A_BATCH = (
+    "fastxai.compat: one target for a batch of several images explains every image for it; "
+    "pytorch-grad-cam explains only the first image and returns zero maps for the others"
+)
+
+
+def warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        warn_user(message)
