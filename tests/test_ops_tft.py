@@ -172,6 +172,26 @@ def test_ladder_non_contiguous_inputs(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @DTYPES
+def test_non_contiguous_thresholds(backend, dtype):
+    """Strided thresholds, in the maps' dtype too (which a kernel might read without copying)."""
+    g = _generator(14)
+    raw = torch.randn(2, 5, 6, dtype=dtype, generator=g)
+    images = torch.randn(2, 2, 9, 7, dtype=dtype, generator=g)
+    maps = reference.scale_maps(raw, 9, 7)
+    for mode in ("value", "percentile"):
+        for threshold_dtype in (dtype, torch.float64):
+            strided = _ladder(mode, threshold_dtype).repeat_interleave(2)[1::2]
+            assert not strided.is_contiguous()
+            _check_ladder(backend, raw, images, strided, mode, "soft")
+            got = ops.tft_mask(
+                *_on(_device(backend), maps, images, strided), mode=mode, backend=backend
+            )
+            expected = reference.tft_mask(maps, images, strided, mode, "binary")
+            assert torch.equal(got.cpu(), expected), (mode, threshold_dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@DTYPES
 def test_nan_in_a_raw_map_makes_that_whole_map_nan(backend, dtype):
     """As the reference's amin / amax: Triton's tl.min / tl.max would skip the NaN."""
     g = _generator(11)
