@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
         "selftest",
         help="check every fused kernel against the PyTorch reference on every device, then "
         "time them",
+        description="Compare every fused kernel with the float64 PyTorch reference on the CPU "
+        "and every CUDA device (random and edge inputs, gradients), print one PASS/FAIL line per "
+        "check and exit with status 1 on any failure; then, unless --quick, time each kernel "
+        "against the reference.",
     )
     add_selftest_arguments(selftest)
     return parser
