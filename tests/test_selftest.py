@@ -7,8 +7,12 @@ must then fail exactly the checks that input exercises and exit with status 1.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
+from conftest import REPO_ROOT
 
 import fastxai.ops as ops
 import fastxai.selftest as selftest
@@ -24,7 +28,7 @@ CPU = torch.device("cpu")
 
 
 def _run(argv: list[str], capsys) -> tuple[int, list[str]]:
-    status = selftest.main(argv)
+    status = cli_main(["selftest", *argv])
     return status, capsys.readouterr().out.splitlines()
 
 
@@ -141,28 +145,43 @@ def test_large_index_cases_compare_their_first_and_last_samples(monkeypatch, che
 def test_cli_selftest_passes_its_options(monkeypatch):
     seen = {}
 
-    def fake_run(args):
-        seen.update(vars(args))
+    def fake_run(**options):
+        seen.update(options)
         return 7
 
-    monkeypatch.setattr(selftest, "run", fake_run)
+    monkeypatch.setattr(selftest, "run_selftest", fake_run)
     argv = ["selftest", "--quick", "--device", "cpu", "--seconds", "5", "--ops", "layercam"]
     assert cli_main(argv) == 7
-    assert seen["quick"] and seen["device"] == "cpu" and seen["seconds"] == 5.0
-    assert seen["ops"] == ["layercam"]
+    assert seen == {"device": "cpu", "ops": ["layercam"], "quick": True, "seconds": 5.0}
+    assert cli_main(["selftest"]) == 7
+    assert seen == {"device": "all", "ops": None, "quick": False, "seconds": 30.0}
 
 
 def test_bad_options_are_one_line_errors(capsys):
     assert cli_main(["selftest", "--device", "tpu"]) == 2
     assert "--device: invalid choice: 'tpu'" in capsys.readouterr().err
-    assert selftest.main(["--seconds", "-1", "--quick"]) == 2
-    assert "--seconds must be >= 0" in capsys.readouterr().err
+    assert cli_main(["selftest", "--seconds", "-1", "--quick"]) == 2
+    assert capsys.readouterr().err == "fastxai selftest: error: --seconds must be >= 0, got -1\n"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_no_cuda_device_is_an_error(capsys):
-    assert selftest.main(["--device", "cuda", "--quick"]) == 2
-    assert "no CUDA device found" in capsys.readouterr().err
+    assert cli_main(["selftest", "--device", "cuda", "--quick"]) == 2
+    assert capsys.readouterr().err == (
+        "fastxai selftest: error: --device cuda: no CUDA device found\n"
+    )
+
+
+def test_python_dash_m_runs_the_cli_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "fastxai.selftest", "--device", "tpu"],
+        capture_output=True,
+        text=True,
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "fastxai selftest: error: argument --device: invalid choice: 'tpu'" in result.stderr
 
 
 @requires_extension

@@ -167,18 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_aft_parser(commands)
 
-    from fastxai.selftest import add_arguments as add_selftest_arguments
+    from fastxai.cli.selftest import add_parser as add_selftest_parser
 
-    selftest = commands.add_parser(
-        "selftest",
-        help="check every fused kernel against the PyTorch reference on every device, then "
-        "time them",
-        description="Compare every fused kernel with the float64 PyTorch reference on the CPU "
-        "and every CUDA device (random and edge inputs, gradients), print one PASS/FAIL line per "
-        "check and exit with status 1 on any failure; then, unless --quick, time each kernel "
-        "against the reference.",
-    )
-    add_selftest_arguments(selftest)
+    add_selftest_parser(commands)
     return parser
 
 
@@ -411,7 +402,7 @@ def run_aft_command(args: argparse.Namespace) -> int:
 
 
 def run_selftest_command(args: argparse.Namespace) -> int:
-    from fastxai.selftest import run
+    from fastxai.cli.selftest import run
 
     return run(args)
 

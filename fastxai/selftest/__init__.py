@@ -15,44 +15,15 @@ in all): interleaved rounds, medians, the speed-up and the achieved GB/s.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
 import time
 from collections.abc import Sequence
+from typing import TextIO
 
 DEVICE_CHOICES = ("cpu", "cuda", "all")
 DEFAULT_SECONDS = 30.0
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The selftest's options, shared by ``python -m fastxai.selftest`` and ``fastxai selftest``."""
-    from fastxai.ops._dispatch import OPS
-
-    parser.add_argument(
-        "--quick", action="store_true", help="run the checks only, not the benchmark table"
-    )
-    parser.add_argument(
-        "--device",
-        choices=DEVICE_CHOICES,
-        default="all",
-        help="the CPU, every CUDA device, or both (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--ops",
-        nargs="+",
-        choices=OPS,
-        metavar="OP",
-        help=f"check only these ops (default: all of {', '.join(OPS)})",
-    )
-    parser.add_argument(
-        "--seconds",
-        type=float,
-        default=DEFAULT_SECONDS,
-        metavar="S",
-        help="time budget of the benchmark table (default: %(default)s)",
-    )
 
 
 def _cpu_name() -> str:
@@ -80,29 +51,35 @@ def _environment(devices: list) -> list[str]:
     return lines
 
 
-def run(args: argparse.Namespace, out=None) -> int:
-    """Run the selftest for parsed ``args``; returns the exit status (0: every check passed)."""
+class NoDeviceError(RuntimeError):
+    """``device="cuda"`` on a machine without a CUDA device."""
+
+
+def run_selftest(
+    *,
+    device: str = "all",
+    ops: Sequence[str] | None = None,
+    quick: bool = False,
+    seconds: float = DEFAULT_SECONDS,
+    out: TextIO | None = None,
+) -> int:
+    """Run the selftest on ``device`` (``"cpu"``, ``"cuda"`` or ``"all"``) for ``ops`` (default:
+    every fused op), printing to ``out`` (default: stdout); the benchmark table unless ``quick``,
+    in about ``seconds``. Returns the exit status: 0 when every check passed, else 1."""
     out = sys.stdout if out is None else out
 
     def report(line: str) -> None:
         print(line, file=out, flush=True)
 
-    if args.seconds < 0:
-        print(
-            f"fastxai selftest: error: --seconds must be >= 0, got {args.seconds:g}",
-            file=sys.stderr,
-        )
-        return 2
     from fastxai.selftest._runner import find_devices, run_checks
 
-    devices = find_devices(args.device)
+    devices = find_devices(device)
     if not devices:
-        print("fastxai selftest: error: --device cuda: no CUDA device found", file=sys.stderr)
-        return 2
+        raise NoDeviceError("no CUDA device found")
     for line in _environment(devices):
         report(line)
     start = time.perf_counter()
-    summary = run_checks(devices, report, ops=args.ops)
+    summary = run_checks(devices, report, ops=ops)
     names = ", ".join(str(d) for d in devices)
     report(
         f"selftest checks on {names}: {summary.passed} passed, {summary.failed} failed, "
@@ -110,19 +87,10 @@ def run(args: argparse.Namespace, out=None) -> int:
     )
     for line in summary.failures:
         report(line)
-    if not args.quick:
+    if not quick:
         from fastxai.selftest._bench import markdown, run_benchmarks
 
         report("")
-        report(markdown(run_benchmarks(devices, args.seconds, report, args.ops)))
+        report(markdown(run_benchmarks(devices, seconds, report, ops)))
     report("selftest: PASS" if summary.failed == 0 else "selftest: FAIL")
     return 0 if summary.failed == 0 else 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m fastxai.selftest``; returns the exit status."""
-    parser = argparse.ArgumentParser(
-        prog="python -m fastxai.selftest", description=__doc__.splitlines()[0]
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))

@@ -1,5 +1,7 @@
-"""``python -m fastxai.selftest``: the device self-test (see :mod:`fastxai.selftest`)."""
+"""``python -m fastxai.selftest [options]``: the same as ``fastxai selftest [options]``."""
 
-from fastxai.selftest import main
+import sys
 
-raise SystemExit(main())
+from fastxai.cli import main
+
+raise SystemExit(main(["selftest", *sys.argv[1:]]))
