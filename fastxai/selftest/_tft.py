@@ -59,6 +59,15 @@ def _ladders(device: torch.device, ladders: dict[str, list[float]] | None = None
     return {mode: torch.tensor(t, dtype=torch.float64, device=device) for mode, t in chosen.items()}
 
 
+def _strided_ladders(device: torch.device, dtype: torch.dtype) -> dict:
+    """Every other element of a doubled ladder, a strided view in ``dtype`` (float64 or the
+    maps' own: a kernel may read thresholds that need no conversion without copying them)."""
+    return {
+        mode: torch.tensor(t, dtype=dtype, device=device).repeat_interleave(2)[::2]
+        for mode, t in LADDERS.items()
+    }
+
+
 def _describe(first: Tensor, images: Tensor, thresholds: dict[str, Tensor]) -> str:
     counts = "/".join(str(t.shape[0]) for t in thresholds.values())
     return f"{shape_of(first, images)} T={counts}"
@@ -122,10 +131,6 @@ def _ladder_cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
     ties[2] = 1.0  # a constant map: exactly 0
     base_raw = on(device, dtype, _randn((4, 9, 7), 6))
     base_images = on(device, dtype, _randn((4, 3, 15, 12), 7))
-    strided = {
-        m: torch.tensor(t, dtype=torch.float64, device=device).repeat_interleave(2)[::2]
-        for m, t in LADDERS.items()
-    }
     small = _ladders(device, {"value": [0.0, 0.5], "percentile": [0.25, 0.5]})
     return [
         case("random up", _randn((2, 7, 7), 1), _randn((2, 3, 32, 32), 2)),
@@ -137,7 +142,7 @@ def _ladder_cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
             "non-contiguous",
             base_raw.transpose(1, 2),
             base_images.contiguous(memory_format=torch.channels_last),
-            strided,
+            _strided_ladders(device, torch.float64),
         ),
         case("65537 planes", _randn((65537, 2, 2), 11), _randn((65537, 1, 3, 3), 12), small),
     ]
@@ -267,7 +272,12 @@ def _mask_cases(device: torch.device, dtype: torch.dtype) -> list[Case]:
         case("N=0", rand((0, 8, 8), 0), _randn((0, 3, 8, 8), 0)),
         case("NaN in a map and an image", nan_maps, nan_images),
         case("ties on the thresholds", quarters, _randn((3, 3, 8, 10), 10), on_grid),
-        case("non-contiguous", base_maps.transpose(1, 2), base_images[:, ::2].transpose(2, 3)),
+        case(
+            "non-contiguous",
+            base_maps.transpose(1, 2),
+            base_images[:, ::2].transpose(2, 3),
+            _strided_ladders(device, dtype),
+        ),
         case("65537 planes", rand((65537, 3, 3), 11), _randn((65537, 1, 3, 3), 12), small),
     ]
 
