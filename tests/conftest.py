@@ -77,16 +77,17 @@ HAS_GPU = torch.cuda.is_available()
 TRITON_ON_CPU = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def kernel_backend_params(op: str) -> list:
-    """``(backend, device)`` pytest params for every backend of ``fastxai::<op>``: C++ on the
-    CPU, Triton under the interpreter, the reference, C++ CUDA and Triton on a GPU, each
-    skipped with its reason where it cannot run here."""
+def kernel_backend_params(op: str, *, reference: bool = False) -> list:
+    """``(backend, device)`` pytest params for every kernel of ``fastxai::<op>``: C++ on the
+    CPU, Triton under the interpreter, C++ CUDA and Triton on a GPU, each skipped with its reason
+    where it cannot run here. ``reference=True`` adds the PyTorch reference (``"torch"``), for
+    tests whose assertions do not go through the reference."""
     import fastxai.ops as ops
     from fastxai.ops._dispatch import CPP_OPS, CUDA_KERNELS
 
     has_cpp_op, cuda_built = CPP_OPS[op], CUDA_KERNELS[op]
     skip = pytest.mark.skipif
-    return [
+    params = [
         pytest.param(
             "cpp",
             "cpu",
@@ -99,7 +100,6 @@ def kernel_backend_params(op: str) -> list:
             id="triton-interpreter",
             marks=skip(not TRITON_ON_CPU, reason="TRITON_INTERPRET is not set"),
         ),
-        pytest.param("torch", "cpu", id="torch-cpu"),
         pytest.param(
             "cpp",
             "cuda",
@@ -113,3 +113,6 @@ def kernel_backend_params(op: str) -> list:
             "triton", "cuda", id="triton-cuda", marks=skip(not HAS_GPU, reason="needs a GPU")
         ),
     ]
+    if reference:
+        params.append(pytest.param("torch", "cpu", id="reference-cpu"))
+    return params

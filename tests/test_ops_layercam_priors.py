@@ -3,9 +3,10 @@
 References (:mod:`fastxai.ops.reference`):
 ``layercam(g, A) = relu(sum_k relu(g_k) * A_k)`` ``(N, C, h, w) -> (N, h, w)``, and
 ``mask_priors(p) = [mean p, mean p(1-p), mean |dy p| + mean |dx p| (+ diagonals / sqrt 2)]`` per
-sample, ``(N, C, H, W) -> (N, 3)``. Backends: ``cpp`` (C++ CPU or CUDA kernels), ``triton``
-(under the interpreter when there is no GPU, see conftest.py), ``torch`` (the reference itself,
-through the front door).
+sample, ``(N, C, H, W) -> (N, 3)``. Kernels: ``cpp`` (C++ CPU or CUDA kernels) and ``triton``
+(under the interpreter when there is no GPU, see conftest.py), each against the reference in
+float64. ``mask_priors`` is also checked, on every backend and the reference, against its
+definition written as explicit loops over the pixels.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ requires_extension = pytest.mark.skipif(
 
 
 BACKENDS = kernel_backend_params("layercam")
+PRIORS_BACKENDS = kernel_backend_params("mask_priors")
+PRIORS_BACKENDS_AND_REFERENCE = kernel_backend_params("mask_priors", reference=True)
 # gradcheck and opcheck run the op many times: the interpreter gets tiny inputs.
 CPU_DIFFERENTIABLE_BACKENDS = [
     pytest.param("cpp", id="cpp", marks=requires_extension),
@@ -262,28 +265,111 @@ def _check_mask_priors_forward(backend, p, neighbours, what):
 @pytest.mark.parametrize("neighbours", NEIGHBOURS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", MASK_SHAPES)
-@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize(("backend", "device"), PRIORS_BACKENDS)
 def test_mask_priors_matches_reference(backend, device, shape, dtype, neighbours):
     p = _masks(shape, dtype, device, seed=sum(shape))
     _check_mask_priors_forward(backend, p, neighbours, f"{backend} {shape}")
 
 
-def test_reference_mask_priors_follows_the_spec_formulas():
-    """SPEC C.8: L_tv = |p[..., 1:, :] - p[..., :-1, :]|.mean() + |p[..., :, 1:] - ...|.mean()."""
-    p = _masks((1, 1, 8, 9), torch.float64, "cpu")
-    vertical = (p[..., 1:, :] - p[..., :-1, :]).abs().mean()
-    horizontal = (p[..., :, 1:] - p[..., :, :-1]).abs().mean()
-    diagonal = (p[..., 1:, 1:] - p[..., :-1, :-1]).abs().mean()
-    anti_diagonal = (p[..., 1:, :-1] - p[..., :-1, 1:]).abs().mean()
-    expected4 = torch.stack([p.mean(), (p * (1 - p)).mean(), vertical + horizontal])
-    expected8 = expected4 + torch.tensor([0, 0, 1]) * (diagonal + anti_diagonal) / math.sqrt(2)
-    torch.testing.assert_close(reference.mask_priors(p, 4)[0], expected4, rtol=1e-14, atol=0)
-    torch.testing.assert_close(reference.mask_priors(p, 8)[0], expected8, rtol=1e-14, atol=0)
+def _pairs(shape: tuple[int, int, int], step: tuple[int, int]) -> list:
+    """Every pixel pair ``(c, i, j), (c, i + di, j + dj)`` inside a ``(C, H, W)`` sample."""
+    channels, height, width = shape
+    di, dj = step
+    return [
+        ((c, i, j), (c, i + di, j + dj))
+        for c in range(channels)
+        for i in range(height)
+        for j in range(width)
+        if 0 <= i + di < height and 0 <= j + dj < width
+    ]
+
+
+# The TV directions and their weights: down, right, and with 8 neighbours both diagonals / sqrt 2.
+TV_STEPS = {
+    4: [((1, 0), 1.0), ((0, 1), 1.0)],
+    8: [((1, 0), 1.0), ((0, 1), 1.0), ((1, 1), 2**-0.5), ((1, -1), 2**-0.5)],
+}
+
+
+def _sign(x: float) -> float:
+    return (x > 0) - (x < 0)
+
+
+def _priors_by_loops(sample: list, neighbours: int) -> tuple[list[float], dict]:
+    """The docstring's definition of one sample's [area, binarisation, TV], pixel by pixel in
+    Python floats, and its gradient: ``{term: {pixel: d term / d pixel}}``."""
+    shape = (len(sample), len(sample[0]), len(sample[0][0]))
+    pixels = [(c, i, j) for c in range(shape[0]) for i in range(shape[1]) for j in range(shape[2])]
+
+    def value(pixel):
+        c, i, j = pixel
+        return sample[c][i][j]
+
+    count = len(pixels)
+    area = sum(value(x) for x in pixels) / count
+    binarisation = sum(value(x) * (1 - value(x)) for x in pixels) / count
+    grad = {
+        0: {x: 1 / count for x in pixels},
+        1: {x: (1 - 2 * value(x)) / count for x in pixels},
+        2: dict.fromkeys(pixels, 0.0),
+    }
+    tv = 0.0
+    for step, weight in TV_STEPS[neighbours]:
+        pairs = _pairs(shape, step)
+        if not pairs:  # no pairs in this direction: it contributes 0
+            continue
+        tv += weight * sum(abs(value(b) - value(a)) for a, b in pairs) / len(pairs)
+        for a, b in pairs:
+            slope = weight * _sign(value(b) - value(a)) / len(pairs)
+            grad[2][b] += slope
+            grad[2][a] -= slope
+    return [area, binarisation, tv], grad
 
 
 @pytest.mark.parametrize("neighbours", NEIGHBOURS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize(("backend", "device"), PRIORS_BACKENDS_AND_REFERENCE)
+def test_mask_priors_matches_the_definition_written_as_loops(backend, device, dtype, neighbours):
+    """Terms and gradients against explicit loops over pixels and pixel pairs, on small masks
+    with ties (a binary and a constant sample), one row, one column and one pixel."""
+    generator = _generator(31)
+    cases = [
+        torch.rand(2, 2, 5, 6, dtype=dtype, generator=generator),
+        (torch.rand(2, 1, 4, 3, dtype=dtype, generator=generator) > 0.5).to(dtype),
+        torch.full((1, 1, 3, 4), 0.75, dtype=dtype),
+        torch.rand(1, 1, 1, 5, dtype=dtype, generator=generator),
+        torch.rand(1, 1, 4, 1, dtype=dtype, generator=generator),
+        torch.rand(1, 1, 1, 1, dtype=dtype, generator=generator),
+    ]
+    for p in cases:
+        upstream = torch.randn(p.shape[0], 3, dtype=dtype, generator=generator)
+        pi = p.to(device).requires_grad_()
+        terms = ops.mask_priors(pi, neighbours, backend=backend)
+        terms.backward(upstream.to(device))
+        for n, sample in enumerate(p.double().tolist()):
+            expected, grad = _priors_by_loops(sample, neighbours)
+            got = terms[n].detach().cpu().double()
+            want = torch.tensor(expected, dtype=torch.float64)
+            # Sums of a few dozen non-negative terms: relative to the term itself.
+            tolerance = RTOL[dtype] * want.abs() + 1e-300
+            assert ((got - want).abs() <= tolerance).all(), (p.shape, n, got, want)
+            expected_grad = torch.zeros(p.shape[1:], dtype=torch.float64)
+            for term in range(3):
+                for (c, i, j), slope in grad[term].items():
+                    expected_grad[c, i, j] += float(upstream[n, term]) * slope
+            # Each element sums at most ten terms of size <= 4 |upstream| / pixels.
+            scale = 40 * upstream[n].double().abs().sum() / expected_grad.numel()
+            torch.testing.assert_close(
+                pi.grad[n].cpu().double(),
+                expected_grad,
+                atol=float(RTOL[dtype] * scale),
+                rtol=RTOL[dtype],
+            )
+
+
+@pytest.mark.parametrize("neighbours", NEIGHBOURS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("backend", "device"), PRIORS_BACKENDS)
 def test_mask_priors_non_contiguous(backend, device, dtype, neighbours):
     base = _masks((4, 2, 13, 17), dtype, device)
     views = {
@@ -300,7 +386,7 @@ def test_mask_priors_non_contiguous(backend, device, dtype, neighbours):
 
 @pytest.mark.parametrize("neighbours", NEIGHBOURS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize(("backend", "device"), PRIORS_BACKENDS_AND_REFERENCE)
 def test_mask_priors_identities(backend, device, dtype, neighbours):
     p = _masks((3, 1, 12, 10), dtype, device)
     binary = (p > 0.5).to(dtype)
@@ -314,7 +400,7 @@ def test_mask_priors_identities(backend, device, dtype, neighbours):
 
 @pytest.mark.parametrize("neighbours", NEIGHBOURS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+@pytest.mark.parametrize(("backend", "device"), PRIORS_BACKENDS)
 def test_mask_priors_backward_matches_reference(backend, device, dtype, neighbours):
     cases = {
         "random": _masks((2, 1, 70, 133), dtype, device, seed=1),

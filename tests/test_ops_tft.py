@@ -1,7 +1,9 @@
 """``fastxai::tft_ladder`` / ``tft_ladder_out`` / ``tft_mask`` and ``fastxai::rpi_select``.
 
-Every backend (C++, Triton, under the interpreter without a GPU, and the PyTorch path) against
-:mod:`fastxai.ops.reference`:
+Every kernel (C++, and Triton, under the interpreter without a GPU) against
+:mod:`fastxai.ops.reference`; tests whose assertions do not go through the reference (NaN
+thresholds, tie order, the ``out=`` buffer, the selected index on ties, errors) also run the
+reference itself:
 
 * the ladder's map equals ``reference.scale_maps`` within 1e-6 (float32) / 1e-12 (float64); its
   masked batch equals ``reference.tft_mask`` of the backend's own map exactly, and the masks
@@ -43,8 +45,8 @@ requires_gpu = pytest.mark.skipif(not HAS_GPU, reason="no CUDA GPU on this machi
 BACKENDS = [
     pytest.param("cpp", marks=requires_extension),
     pytest.param("triton", marks=requires_triton),
-    "torch",
 ]
+BACKENDS_AND_REFERENCE = [*BACKENDS, "torch"]
 PAPER_LADDER = [i / 10 for i in range(10)]
 PERCENTILE_LADDER = [0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]
 
@@ -92,6 +94,8 @@ def _check_ladder(backend, raw, images, thresholds, mode, mask, out=None):
     assert masked.shape == (n * t, channels, height, width) and masked.dtype == images.dtype
     assert maps.shape == (n, height, width) and maps.dtype == raw.dtype
 
+    if backend == "torch":  # the reference itself: the caller's own assertions only
+        return masked, maps
     atol = ATOL[raw.dtype]
     expected_maps = reference.scale_maps(raw, height, width)
     torch.testing.assert_close(maps, expected_maps, atol=atol, rtol=0)
@@ -172,6 +176,26 @@ def test_ladder_non_contiguous_inputs(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @DTYPES
+def test_non_contiguous_thresholds(backend, dtype):
+    """Strided thresholds, in the maps' dtype too (which a kernel might read without copying)."""
+    g = _generator(14)
+    raw = torch.randn(2, 5, 6, dtype=dtype, generator=g)
+    images = torch.randn(2, 2, 9, 7, dtype=dtype, generator=g)
+    maps = reference.scale_maps(raw, 9, 7)
+    for mode in ("value", "percentile"):
+        for threshold_dtype in (dtype, torch.float64):
+            strided = _ladder(mode, threshold_dtype).repeat_interleave(2)[1::2]
+            assert not strided.is_contiguous()
+            _check_ladder(backend, raw, images, strided, mode, "soft")
+            got = ops.tft_mask(
+                *_on(_device(backend), maps, images, strided), mode=mode, backend=backend
+            )
+            expected = reference.tft_mask(maps, images, strided, mode, "binary")
+            assert torch.equal(got.cpu(), expected), (mode, threshold_dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@DTYPES
 def test_nan_in_a_raw_map_makes_that_whole_map_nan(backend, dtype):
     """As the reference's amin / amax: Triton's tl.min / tl.max would skip the NaN."""
     g = _generator(11)
@@ -193,7 +217,7 @@ def test_nan_in_a_raw_map_makes_that_whole_map_nan(backend, dtype):
         torch.testing.assert_close(masked, expected, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_AND_REFERENCE)
 def test_a_nan_percentile_threshold_mutes_nothing(backend):
     g = _generator(12)
     raw, images = torch.randn(2, 4, 4, generator=g), torch.randn(2, 3, 8, 8, generator=g)
@@ -202,7 +226,7 @@ def test_a_nan_percentile_threshold_mutes_nothing(backend):
     assert torch.equal(masked.view(2, 3, 3, 8, 8)[:, 1], images)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_AND_REFERENCE)
 def test_percentile_ties_mute_earlier_pixels_first(backend):
     # A raw map that is negative on its top half: after ReLU and scaling those rows are exactly 0,
     # a tie across many pixels that the pivot falls into.
@@ -289,7 +313,7 @@ def test_large_batches_stream_their_stores(dtype):
         assert torch.equal(masked, expected), (mode, mask)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_AND_REFERENCE)
 def test_out_variant_writes_into_the_buffer(backend):
     g = _generator(8)
     raw = torch.randn(2, 7, 7, generator=g)
@@ -391,16 +415,19 @@ def _check_select(backend, logits, classes, original):
     device = _device(backend)
     got = ops.rpi_select(*_on(device, logits, classes, original), backend=backend)
     rpi, index, probability = (t.cpu() for t in got)
+    n = classes.shape[0]
+    assert rpi.shape == (n, logits.shape[0] // n if n else 0) and rpi.dtype == logits.dtype
+    assert probability.shape == rpi.shape and probability.dtype == logits.dtype
+    assert index.shape == (n,) and index.dtype == torch.int64
+    if backend == "torch":  # the reference itself: the caller's own assertions only
+        return rpi, index
     expected_rpi, expected_index, expected_probability = reference.rpi_select(
         logits, classes, original
     )
-    assert rpi.shape == expected_rpi.shape and rpi.dtype == logits.dtype
-    assert probability.shape == expected_probability.shape and probability.dtype == logits.dtype
     # p = softmax(l)_c is in [0, 1]: the kernels' reassociated sums hold it to the dtype's ATOL.
     torch.testing.assert_close(
         probability, expected_probability, atol=ATOL[logits.dtype], rtol=0, equal_nan=True
     )
-    assert index.shape == expected_index.shape and index.dtype == torch.int64
     tolerance = ATOL[logits.dtype] * (1 + expected_rpi.abs())
     worst = ((rpi - expected_rpi).abs() - tolerance).max().item() if rpi.numel() else -1
     assert worst <= 0, f"rpi beyond tolerance by {worst:.3g}"
@@ -427,7 +454,7 @@ def test_rpi_select_matches_reference(backend, dtype, n, t, k):
         assert (index >= 0).any(), "the inputs should raise some probability"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_AND_REFERENCE)
 @DTYPES
 def test_rpi_select_ties_pick_first_and_zero_gives_minus_one(backend, dtype):
     logits, classes, original = _ladder_logits(3, 6, 50, dtype, seed=4)
@@ -463,7 +490,7 @@ def test_rpi_select_edge_cases(backend, dtype):
     assert rpi.shape == (3, 0) and index.tolist() == [-1, -1, -1]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS_AND_REFERENCE)
 def test_a_bad_class_gives_the_same_error_on_every_backend(backend):
     device = _device(backend)
     logits, original = torch.zeros(6, 4, device=device), torch.ones(2, device=device)

@@ -1,4 +1,5 @@
-"""The ``fastxai`` command: ``demo``, ``explain``, ``explain-dataset``, ``bench`` and ``aft``.
+"""The ``fastxai`` command: ``demo``, ``explain``, ``explain-dataset``, ``bench``, ``aft`` and
+``selftest``.
 
 Bad input (a missing image, an unknown method, model or layer) prints one line on stderr and
 exits with status 2; missing optional packages exit with status 1.
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{demo,explain,explain-dataset,bench,aft}",
+        metavar="{demo,explain,explain-dataset,bench,aft,selftest}",
         parser_class=OneLineParser,
     )
 
@@ -165,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_explain_dataset_parser(commands)
 
     add_aft_parser(commands)
+
+    from fastxai.cli.selftest import add_parser as add_selftest_parser
+
+    add_selftest_parser(commands)
     return parser
 
 
@@ -396,12 +401,19 @@ def run_aft_command(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def run_selftest_command(args: argparse.Namespace) -> int:
+    from fastxai.cli.selftest import run
+
+    return run(args)
+
+
 COMMANDS = {
     "demo": run_demo_command,
     "explain": run_explain_command,
     "explain-dataset": run_explain_dataset_command,
     "bench": run_bench_command,
     "aft": run_aft_command,
+    "selftest": run_selftest_command,
 }
 
 

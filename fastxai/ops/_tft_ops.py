@@ -38,7 +38,9 @@ def _as_thresholds(thresholds: Tensor | Sequence[float], images: Tensor) -> Tens
     if isinstance(thresholds, Tensor):
         if not thresholds.dtype.is_floating_point:
             thresholds = thresholds.double()
-        return thresholds.to(images.device)
+        # The C++ CPU kernel's value mode reads thresholds already in the maps' dtype as if
+        # they were contiguous.
+        return thresholds.to(images.device).contiguous()
     return torch.tensor(thresholds, dtype=torch.float64, device=images.device)
 
 
