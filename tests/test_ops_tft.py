@@ -194,6 +194,18 @@ def test_non_contiguous_thresholds(backend, dtype):
             assert torch.equal(got.cpu(), expected), (mode, threshold_dtype)
 
 
+@requires_extension
+@DTYPES
+def test_the_cpu_op_reads_strided_thresholds_in_the_maps_dtype(dtype):
+    """The C++ op itself (not only its front door, which makes thresholds contiguous)."""
+    g = _generator(15)
+    maps = torch.rand(2, 9, 7, dtype=dtype, generator=g)
+    images = torch.randn(2, 2, 9, 7, dtype=dtype, generator=g)
+    strided = _ladder("value", dtype).repeat_interleave(2)[1::2]
+    got = torch.ops.fastxai.tft_mask(maps, images, strided, "value", "binary")
+    assert torch.equal(got, reference.tft_mask(maps, images, strided, "value", "binary"))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @DTYPES
 def test_nan_in_a_raw_map_makes_that_whole_map_nan(backend, dtype):

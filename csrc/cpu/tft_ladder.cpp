@@ -333,8 +333,10 @@ class MaskedBatch {
       pivot_indices_.resize(shape.n * num_thresholds);
     } else {
       // Value mode compares with tau in the maps' dtype (the reference's thresholds.to(dtype)).
-      const at::Tensor tau_tensor = thresholds.to(c10::CppTypeToScalarType<scalar_t>::value);
-      const scalar_t* tau_data = tau_tensor.contiguous().const_data_ptr<scalar_t>();
+      // Contiguous in a named tensor: a temporary's data would be freed before it is read.
+      const at::Tensor tau_tensor =
+          thresholds.to(c10::CppTypeToScalarType<scalar_t>::value).contiguous();
+      const scalar_t* tau_data = tau_tensor.const_data_ptr<scalar_t>();
       taus_.assign(tau_data, tau_data + num_thresholds);
     }
   }
