@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch.utils._pytree import tree_leaves, tree_map
 
 from fastxai._checks import warn_user
 from fastxai._tracing import ThreadOwnedTracer, release_graph_module
@@ -316,15 +317,29 @@ def _apply_transform(t: Tensor, reshape_transform: ReshapeTransform | None, laye
     return t
 
 
-def _check_output(out: Any, n: int) -> Tensor:
+def _check_output(out: Any, n: int) -> Any:
     """The model's output: a tensor with one row per image (class logits ``(N, K)``, or any
-    other shape such as segmentation scores ``(N, K, H, W)`` that ``targets`` callables read)."""
+    other shape such as segmentation scores ``(N, K, H, W)`` that ``targets`` callables read),
+    or a list of one output per image (a torchvision detector's dicts of boxes, labels and
+    scores)."""
+    if isinstance(out, (list, tuple)) and len(out) == n and not isinstance(out, Tensor):
+        return out
     if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != n:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(
-            f"model must return a tensor with one row per image, shape ({n}, ...), got {shape}"
+            f"model must return a tensor with one row per image, shape ({n}, ...), or a list "
+            f"of {n} per-image outputs, got {shape}"
         )
     return out
+
+
+def _detached(tree: Any) -> Any:
+    """``tree`` (a tensor, or dicts/lists/tuples of them) with every tensor detached."""
+    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
+
+
+def _differentiable_leaves(tree: Any) -> list[Tensor]:
+    return [t for t in tree_leaves(tree) if isinstance(t, Tensor) and t.requires_grad]
 
 
 def capture_layer(
@@ -363,6 +378,8 @@ def capture_layer(
         if split is None:
             return _capture_with_hook(model, x, layer, targets, with_gradient, reshape_transform)
         a_raw, *carry = split.prefix(x)
+        if not isinstance(a_raw, Tensor):  # a dict or tuple at the layer (a detector's FPN)
+            return _capture_with_hook(model, x, layer, targets, with_gradient, reshape_transform)
         if not with_gradient:
             logits = _check_output(split.suffix(a_raw, *carry), x.shape[0])
             resolved = resolve_targets(targets, logits)
@@ -439,23 +456,31 @@ def _capture_with_hook(
     in_graph: bool = False,
     create_graph: bool = False,
 ) -> LayerCapture:
+    """The capture through a forward hook that lives for one call. The layer may yield a tensor
+    or a dict/tuple of them (``reshape_transform`` then makes the ``(N, C, h, w)`` map), and the
+    model may return a list of per-image outputs (read by ``targets`` callables)."""
     name, call_index = split_layer_ref(layer)
     module = model.get_submodule(name)
-    seen: list[Tensor] = []
+    seen: list[Any] = []
     owner = threading.get_ident()
 
-    def keep_output(_module: nn.Module, _inputs: Any, output: Tensor) -> Tensor | None:
+    def as_leaf(t: Any) -> Any:
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            return t
+        if in_graph and t.requires_grad:  # the graph to the parameters before it stays
+            return t
+        return t.detach().requires_grad_(with_gradient)
+
+    def keep_output(_module: nn.Module, _inputs: Any, output: Any) -> Any:
         if threading.get_ident() != owner:  # another thread's forward of the same model
             return None
         seen.append(output)
         if len(seen) - 1 != call_index:
             return None
-        if in_graph and output.requires_grad:  # the graph to the parameters before it stays
-            leaf = output
-        else:
-            leaf = output.detach().requires_grad_(with_gradient)
+        leaf = tree_map(as_leaf, output)
         seen[-1] = leaf
-        return leaf.clone()  # the network may modify its copy in place; ours stays intact
+        # The network may modify its copy in place; ours stays intact.
+        return tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, leaf)
 
     handle = module.register_forward_hook(keep_output)
     try:
@@ -466,23 +491,33 @@ def _capture_with_hook(
     if len(seen) <= call_index:
         raise ValueError(f"layer {layer!r}: the module is called {len(seen)} time(s) in forward")
     a_raw = seen[call_index]
-    resolved = resolve_targets(targets, logits.detach())
+    resolved = resolve_targets(targets, _detached(logits))
     gradient = None
     if with_gradient:
-        (g_raw,) = torch.autograd.grad(
-            logits,
-            a_raw,
-            _score_cotangent(resolved, logits, create_graph),
+        leaves = _differentiable_leaves(a_raw)
+        if isinstance(logits, Tensor):
+            scores, cotangent = logits, _score_cotangent(resolved, logits, create_graph)
+        else:  # per-image outputs: the summed scores of the callables
+            with torch.enable_grad():
+                scores, cotangent = resolved.scores(logits).sum(), None
+        grads = torch.autograd.grad(
+            scores,
+            leaves,
+            cotangent,
             retain_graph=in_graph,
             create_graph=create_graph,
+            allow_unused=True,
+            materialize_grads=True,
         )
+        by_leaf = dict(zip(map(id, leaves), grads, strict=True))
+        g_raw = tree_map(lambda t: by_leaf.get(id(t), t) if isinstance(t, Tensor) else t, a_raw)
         gradient = _apply_transform(g_raw, reshape_transform, layer)
-    keep = (lambda t: t) if create_graph else Tensor.detach
+    keep = (lambda t: t) if create_graph else _detached
     activation = _apply_transform(keep(a_raw), reshape_transform, layer)
     return LayerCapture(
         activation,
         None if gradient is None else keep(gradient),
-        logits if in_graph else logits.detach(),
+        logits if in_graph else _detached(logits),
         resolved,
         keep(a_raw),
         (),

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.utils._pytree
 from torch import Tensor
 
 TargetCallable = Callable[[Tensor], Tensor]
@@ -36,8 +37,12 @@ class ResolvedTargets:
     classes: Tensor
     callables: list[TargetCallable] | None
 
-    def scores(self, logits: Tensor, image_index: Tensor | None = None) -> Tensor:
-        """Target score of each row of ``logits`` (rows belong to images ``image_index``)."""
+    def scores(self, logits: Any, image_index: Tensor | None = None) -> Tensor:
+        """Target score of each row of ``logits`` (rows belong to images ``image_index``); for a
+        list of per-image outputs, each callable's score of its image's output."""
+        if not isinstance(logits, Tensor):
+            pairs = zip(self.callables, logits, strict=True)
+            return torch.stack([torch.as_tensor(f(out)).sum() for f, out in pairs])
         if image_index is None:
             image_index = torch.arange(logits.shape[0], device=logits.device)
         if self.callables is None:
@@ -59,15 +64,18 @@ class ResolvedTargets:
         return grad
 
 
-def resolve_targets(targets: Targets, logits: Tensor) -> ResolvedTargets:
+def resolve_targets(targets: Targets, logits: Any) -> ResolvedTargets:
     """Turn the user's ``targets`` into per-image class indices or callables.
 
     ``None``: the top-1 class of each image. An int, or a single callable: the same for every
     image. A sequence or 1-D tensor: one entry per image (its length must equal the batch size;
     unlike pytorch-grad-cam, a mismatch is an error, not a silent truncation). A model whose
     output is not ``(N, num_classes)`` logits (segmentation scores ``(N, K, H, W)``, a binary
-    classifier's ``(N,)``) is explained through callables only.
+    classifier's ``(N,)``, a detector's list of per-image dicts) is explained through
+    callables only.
     """
+    if not isinstance(logits, Tensor):
+        return _resolve_per_image_outputs(targets, logits)
     n, device = logits.shape[0], logits.device
     if logits.dim() != 2 and not _all_callables(targets):
         raise ValueError(
@@ -119,6 +127,27 @@ def resolve_targets(targets: Targets, logits: Tensor) -> ResolvedTargets:
     if all(c >= 0 for c in classes):
         return ResolvedTargets(class_tensor, None)
     return ResolvedTargets(class_tensor, callables)
+
+
+def _resolve_per_image_outputs(targets: Targets, outputs: Sequence[Any]) -> ResolvedTargets:
+    """Targets for a model that returns one output per image (a list of dicts, for example):
+    callables only, each given its image's output."""
+    n = len(outputs)
+    if not _all_callables(targets):
+        kind = type(outputs[0]).__name__ if n else "nothing"
+        raise ValueError(
+            f"targets: the model returns a list of {n} per-image outputs ({kind}), not "
+            "(N, num_classes) logits; pass callables that map one image's output to a scalar "
+            "(e.g. fastxai.compat.utils.model_targets.FasterRCNNBoxScoreTarget)"
+        )
+    callables = list(targets) if isinstance(targets, Sequence) else [targets] * n
+    if len(callables) != n:
+        raise ValueError(f"targets has {len(callables)} entries for a batch of {n} images")
+    device = next(
+        (t.device for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, Tensor)),
+        torch.device("cpu"),
+    )
+    return ResolvedTargets(torch.full((n,), -1, dtype=torch.long, device=device), callables)
 
 
 def _all_callables(targets: Targets) -> bool:

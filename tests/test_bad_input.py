@@ -128,7 +128,10 @@ def test_model_must_be_module_and_return_logits(images):
     features_only = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).eval()
     with pytest.raises(ValueError, match=r"\(1, 4, 14, 14\), not \(N, num_classes\) logits"):
         fastxai.gradcam(features_only, images(1, 16), "0")  # no callable targets
-    with pytest.raises(ValueError, match=r"one row per image, shape \(1, \.\.\.\), got dict"):
+    with pytest.raises(
+        ValueError,
+        match=r"one row per image, shape \(1, \.\.\.\), or a list of 1 per-image outputs, got dict",
+    ):
         fastxai.gradcam(DictOutput(), images(1, 16), "conv")
 
 

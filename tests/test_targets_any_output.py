@@ -113,7 +113,10 @@ def test_non_logit_outputs_need_callables() -> None:
     for targets in (None, 1, [1], torch.tensor([1]), [ours.ClassifierOutputTarget(1)]):
         with pytest.raises(ValueError, match=r"returns \(1, 3, 64, 64\), not \(N, num_classes\)"):
             fastxai.gradcam(model, x, "model.backbone.16", targets)
-    with pytest.raises(ValueError, match=r"one row per image, shape \(2, \.\.\.\), got \(1, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"shape \(2, \.\.\.\), or a list of 2 per-image outputs, got \(1, 5\)",
+    ):
         fastxai.gradcam(BatchOfOne(), torch.randn(2, 3, 16, 16), "conv", [0, 0])
 
 
