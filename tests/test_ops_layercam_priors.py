@@ -269,7 +269,7 @@ def test_mask_priors_matches_reference(backend, device, shape, dtype, neighbours
 
 
 def test_reference_mask_priors_follows_the_spec_formulas():
-    """SPEC C.8: L_tv = |p[..., 1:, :] - p[..., :-1, :]|.mean() + |p[..., :, 1:] - ...|.mean()."""
+    """L_tv = |p[..., 1:, :] - p[..., :-1, :]|.mean() + |p[..., :, 1:] - ...|.mean()."""
     p = _masks((1, 1, 8, 9), torch.float64, "cpu")
     vertical = (p[..., 1:, :] - p[..., :-1, :]).abs().mean()
     horizontal = (p[..., :, 1:] - p[..., :, :-1]).abs().mean()
