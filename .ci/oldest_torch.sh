@@ -4,14 +4,16 @@
 # representative subset of the tests there.
 #
 # Usage: .ci/oldest_torch.sh
-# The venv is kept in $FASTXAI_OLDEST_VENV (default ~/.cache/fastxai/venv-torch-2.9.1) and reused
-# while its torch is still 2.9.1. Honours MAX_JOBS (default 2).
+# The venv is kept in ~/.cache/fastxai/venv-torch-2.9.1 and reused while its torch is still 2.9.1;
+# FASTXAI_OLDEST_VENV names an existing venv with torch 2.9.1 to use instead. Honours MAX_JOBS
+# (default 2).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 torch_version="2.9.1"
 torchvision_version="0.24.1"
-venv="${FASTXAI_OLDEST_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/fastxai/venv-torch-$torch_version}"
+default_venv="${XDG_CACHE_HOME:-$HOME/.cache}/fastxai/venv-torch-$torch_version"
+venv="${FASTXAI_OLDEST_VENV:-$default_venv}"
 tests=(
   tests/test_api.py
   tests/test_ops_tft.py
@@ -26,6 +28,10 @@ deselect="not triton and not vgg16"
 
 start=$SECONDS
 if ! "$venv/bin/python" -c "import sys, torch; sys.exit(torch.__version__.split('+')[0] != '$torch_version')" 2>/dev/null; then
+  if [[ "$venv" != "$default_venv" ]]; then
+    echo "oldest_torch: $venv has no torch $torch_version (FASTXAI_OLDEST_VENV)" >&2
+    exit 1
+  fi
   rm -rf "$venv"
   mkdir -p "$(dirname "$venv")"
   python3 -m venv "$venv"
