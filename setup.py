@@ -8,6 +8,9 @@ built for ``8.0;9.0+PTX`` (A100, H100, and PTX that newer GPUs compile at load t
 Every schema is declared once in ``csrc/fastxai.cpp``; each backend lives in its own folder with
 the same file stem (``csrc/cpu/<op>.cpp``, ``csrc/cuda/<op>.cu``) and calls the shared math in
 ``csrc/include/fastxai``.
+
+The torch version the extension is compiled against goes into ``fastxai/_torch_build.py`` beside
+it, which ``fastxai.ops`` compares with the running torch before it loads the extension.
 """
 
 import glob
@@ -60,6 +63,17 @@ def _extension():
     )
 
 
-setup(
-    ext_modules=[_extension()], cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)}
-)
+class BuildRecordingTorch(BuildExtension.with_options(use_ninja=True)):
+    """``build_ext`` that also writes ``fastxai/_torch_build.py`` beside the built extension."""
+
+    def run(self) -> None:
+        super().run()
+        folder = os.path.dirname(self.get_ext_fullpath("fastxai._C"))
+        with open(os.path.join(folder, "_torch_build.py"), "w", encoding="utf-8") as f:
+            f.write(
+                '"""The torch that fastxai._C was built against (written by setup.py)."""\n\n'
+                f"TORCH_VERSION = {torch.__version__!r}\n"
+            )
+
+
+setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildRecordingTorch})

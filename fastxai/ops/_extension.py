@@ -1,22 +1,72 @@
-"""Loading the compiled ops (``fastxai._C``), once, for every front door."""
+"""Loading the compiled ops (``fastxai._C``), once, for every front door.
+
+The build records the torch it compiled against in ``fastxai/_torch_build.py`` (written by
+``setup.py``). An extension built for another torch is not loaded (its C++ ABI may differ, and a
+mismatch can crash the process rather than raise): the package warns in one line how to rebuild
+and runs the PyTorch reference. So does an extension that fails to load (``undefined symbol``).
+"""
 
 from __future__ import annotations
 
+import importlib
 import os
+import warnings
 
-_EXTENSION_LOADED = False
-_EXTENSION_ERROR: str | None = None
+REBUILD = "pip install --no-build-isolation -e ."
 
-if os.environ.get("FASTXAI_DISABLE_EXT", "0") == "1":
-    _EXTENSION_ERROR = "disabled by FASTXAI_DISABLE_EXT=1"
-else:
+
+class ExtensionWarning(UserWarning):
+    """``fastxai._C`` could not be used; the ops run their PyTorch reference."""
+
+
+def recorded_torch_version() -> str | None:
+    """The torch version ``fastxai._C`` was built against (``None``: not recorded)."""
     try:
-        from fastxai import _C  # noqa: F401  (loading registers torch.ops.fastxai.*)
-        from fastxai.ops import _registrations  # noqa: F401
+        from fastxai._torch_build import TORCH_VERSION
+    except ImportError:
+        return None
+    return TORCH_VERSION
 
-        _EXTENSION_LOADED = True
-    except ImportError as exc:  # the package still works on the pure-PyTorch path
-        _EXTENSION_ERROR = str(exc)
+
+def running_torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+def _release(version: str) -> str:
+    return version.split("+", 1)[0]  # 2.14.1+cu130 and 2.14.1+cpu share the release's ABI
+
+
+def import_extension() -> None:
+    """Load ``fastxai._C`` (registers ``torch.ops.fastxai.*``) and its fake kernels."""
+    importlib.import_module("fastxai._C")
+    importlib.import_module("fastxai.ops._registrations")
+
+
+def load() -> tuple[bool, str | None]:
+    """``(loaded, why not)``; warns (:class:`ExtensionWarning`) unless disabled on purpose."""
+    if os.environ.get("FASTXAI_DISABLE_EXT", "0") == "1":
+        return False, "disabled by FASTXAI_DISABLE_EXT=1"
+    built, running = recorded_torch_version(), running_torch_version()
+    if built is not None and _release(built) != _release(running):
+        reason = f"built for torch {built}, running torch {running}"
+    else:
+        try:
+            import_extension()
+            return True, None
+        except ImportError as exc:
+            reason = " ".join(str(exc).split())
+    warnings.warn(
+        f"fastxai._C not loaded ({reason}); the ops run their PyTorch reference. "
+        f"Rebuild it for this torch: {REBUILD}",
+        ExtensionWarning,
+        stacklevel=2,
+    )
+    return False, reason
+
+
+_EXTENSION_LOADED, _EXTENSION_ERROR = load()
 
 
 def has_extension() -> bool:
