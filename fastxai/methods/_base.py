@@ -97,10 +97,13 @@ def explain_layers(
     tft: bool = False,
     tft_options: dict[str, Any] | None = None,
     raw_map: RawMapFn | None = None,
+    reruns_suffix: bool = False,
 ) -> Explanation:
     """Run a CAM method given by its ``contributions`` function; see :mod:`fastxai.methods`.
 
     ``raw_map``, when given, computes the raw map directly (without ``eigen_smooth``).
+    ``reruns_suffix``: the method re-runs the network after each layer, so every layer is
+    captured through its own split (one pass per layer instead of one for all).
     """
     check_model(model)
     layers = normalise_layers(model, layer)
@@ -116,6 +119,7 @@ def explain_layers(
         targets,
         with_gradient=with_gradient,
         reshape_transform=reshape_transform,
+        own_splits=reruns_suffix,
     )
     captures = [in_map_precision(cap) for cap in captures]
     raws: list[Tensor] = []
@@ -191,11 +195,13 @@ def make_cam_method(
     with_gradient: bool,
     summary: str,
     raw_map: RawMapFn | None = None,
+    reruns_suffix: bool = False,
 ) -> Callable[..., Explanation]:
     """Build the public function of a CAM method from its ``contributions`` rule.
 
     Options beyond the shared signature are passed to ``contributions`` (and ``raw_map``, the
-    fused channel sum, when the method has one) as keyword arguments.
+    fused channel sum, when the method has one) as keyword arguments. ``reruns_suffix``: the
+    rule runs the network after the layer (``cap.split``), see :func:`explain_layers`.
     """
 
     def explain(
@@ -228,6 +234,7 @@ def make_cam_method(
             tft=tft,
             tft_options=tft_options,
             raw_map=None if raw_map is None else functools.partial(raw_map, **method_options),
+            reruns_suffix=reruns_suffix,
         )
 
     explain.__name__ = explain.__qualname__ = name
