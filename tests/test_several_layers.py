@@ -110,7 +110,8 @@ def test_chain_equals_autograd_and_per_layer_captures(tv_model, images, model_na
 
 class Branches(nn.Module):
     """Two parallel branches (neither layer is downstream of the other), a residual add, a
-    module called twice and a size read: the cases a single cut cannot serve."""
+    module called twice and a size read early and used late: the cases a single cut cannot
+    serve."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -121,11 +122,12 @@ class Branches(nn.Module):
         self.head = nn.Linear(6, 4)
 
     def forward(self, x: Tensor) -> Tensor:
+        n = x.size(0)  # a Python int that crosses every cut
         h = torch.relu(self.stem(x))
         a = self.shared(self.left(h))
         b = self.right(h) * h
         c = self.shared(a + b) + h
-        return self.head(c.mean((2, 3))).view(x.size(0), -1)
+        return self.head(c.mean((2, 3))).view(n, -1)
 
 
 @pytest.mark.parametrize(
@@ -146,6 +148,25 @@ def test_parallel_branches_residuals_and_repeated_calls(layers):
     for layer, cap, act, grad in zip(layers, caps, acts, grads, strict=True):
         assert_close_to(cap.activation, act, ACT_RTOL, f"{layer} activation")
         assert_close_to(cap.gradient, grad, GRAD_RTOL, f"{layer} gradient")
+
+
+def test_compiled_chain_carries_python_values_between_pieces():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Branches().eval()
+    x = torch.randn(3, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    layers = ["right.0", "left", "shared@1"]
+    eager = fastxai.gradcam(model, x, layers, [0, 2, 3])
+    compiled = torch.compile(
+        lambda images: fastxai.gradcam(model, images, layers, [0, 2, 3]),
+        fullgraph=True,
+        backend="eager",
+    )
+    got = compiled(x)
+    for raw, expected in zip(
+        got.extras["raw_per_layer"], eager.extras["raw_per_layer"], strict=True
+    ):
+        assert_close_to(raw, expected, GRAD_RTOL, "compiled raw map")
 
 
 def test_reshape_transform_applies_to_every_layer():
