@@ -14,7 +14,8 @@ Contenders, interleaved (the order rotates every round) at batch 1 and 8, 224 x 
   its maps are not compared).
 
 Ratios are medians over rounds of ``contender / floor`` in the same round; milliseconds are
-medians. Run ``python benchmarks/cam_several_layers.py [--repeats R]``.
+medians (over the trusted rounds when there are any: both threads ran). Run
+``python benchmarks/cam_several_layers.py [--rounds R] [--batches 1,8]``.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _timing import time_once
 from cam_methods import (
     THREADS,
     Contender,
+    Measured,
     hook_floor,
-    measure,
     pick_floor,
     quiet,
     torchvision_model,
@@ -126,15 +128,61 @@ def torchcam_layercam(model: nn.Module, x: Tensor) -> Contender:
     return Contender("torchcam", run, setup, teardown)
 
 
+def measure_rounds(contenders: list[Contender], rounds: int) -> Measured:
+    """One untimed run of each contender (its output kept for the parity check), then exactly
+    ``rounds`` rounds in rotating order; set-up and tear-down (hooks) stay outside the timing."""
+    result = Measured({c.name: [] for c in contenders})
+    for r in range(-1, rounds):
+        shift = max(r, 0) % len(contenders)
+        for c in contenders[shift:] + contenders[:shift]:
+            if c.setup:
+                c.setup()
+            try:
+                sample, out = time_once(c.run)
+            finally:
+                if c.teardown:
+                    c.teardown()
+            if r < 0:
+                result.outputs[c.name] = out
+            else:
+                result.samples[c.name].append(sample)
+            del out
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=5, help="trusted rounds wanted per row")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per batch size")
     parser.add_argument("--batches", type=str, default="1,8")
+    parser.add_argument(
+        "--flops",
+        action="store_true",
+        help="instead of timing, count the convolution and matmul FLOPs of fastxai, fastxai "
+        "per layer and the vjp floor (torch.utils.flop_counter; independent of machine load)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     warnings.filterwarnings("ignore")
     model = torchvision_model("resnet50")
     gen = torch.Generator().manual_seed(0)
+    if args.flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        print("| N | fastxai GFLOP | fastxai per layer GFLOP | floor (vjp) GFLOP |")
+        print("|---|---|---|---|")
+        for n in (int(b) for b in args.batches.split(",")):
+            x = torch.randn(n, 3, SIZE, SIZE, generator=gen)
+            counts = []
+            for c in (
+                Contender("fastxai", lambda x=x: fastxai.layercam(model, x, LAYERS).maps),
+                fastxai_per_layer(model, x),
+                vjp_floor(model, x),
+            ):
+                with FlopCounterMode(display=False) as counter:
+                    c.run()
+                counts.append(counter.get_total_flops() / 1e9)
+            print(f"| {n} | " + " | ".join(f"{c:.2f}" for c in counts) + " |")
+        return 0
     print(
         "| N | fastxai ms | floor ms | floor | fastxai/floor | fastxai per layer/floor "
         "| pgc/floor | torchcam/floor | trusted rounds | load 1m | max abs diff fastxai vs pgc |"
@@ -150,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             pgc_layercam(model, x),
             torchcam_layercam(model, x),
         ]
-        m = measure(contenders, args.repeats)
+        m = measure_rounds(contenders, args.rounds)
         floor, kind = pick_floor(m)
         diff = np.abs(m.outputs["fastxai"].numpy() - m.outputs["pgc"]).max()
         per_layer_diff = (m.outputs["fastxai"] - m.outputs["fastxai per layer"]).abs().max()
