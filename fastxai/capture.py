@@ -4,13 +4,15 @@ The model is split once at the layer into ``prefix`` (input -> layer output plus
 the rest of the network still needs) and ``suffix`` (layer output -> logits) with :mod:`torch.fx`;
 the split is cached per (model, layer) and rebuilt when the model's module structure or mode
 changes. Gradients come from ``torch.func.vjp(suffix, a)``: no parameter gradients, no ``.grad``
-written, no hooks, no change to the user's model. With ``logits_graph`` (and grad enabled) the
-forward is the model's own instead: the logits keep their autograd graph to the parameters, and
+written, no hooks, no change to the user's model. Several layers are captured together from a
+chain of pieces cut at every layer (:mod:`fastxai.layer_chain`, cached per (model, layers)): one
+forward and one backward for all of them. With ``logits_graph`` (and grad enabled) the forward is
+the model's own instead: the logits keep their autograd graph to the parameters, and
 ``create_graph`` keeps the activation and the gradient in it too (the gradient is differentiable,
-for a loss on the maps). Models that :mod:`torch.fx` cannot trace fall
-back to a forward hook that lives inside one call and clones what it keeps; it serves only the
-thread that registered it (other threads' forwards of the model pass through untouched), and that
-path does not compile with ``torch.compile(fullgraph=True)``.
+for a loss on the maps). Models that :mod:`torch.fx` cannot trace fall back to a forward hook that
+lives inside one call and clones what it keeps, one call per layer; it serves only the thread that
+registered it (other threads' forwards of the model pass through untouched), and that path does
+not compile with ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 from fastxai._checks import warn_user
 from fastxai._tracing import ThreadOwnedTracer, release_graph_module
+from fastxai.layer_chain import LayerChain, differentiated, run_piece
 from fastxai.targets import ResolvedTargets, resolve_targets
 
 ReshapeTransform = Callable[[Tensor], Tensor]
@@ -199,7 +202,10 @@ class LayerSplit:
 # a lookup). A plain dict with an int key is what torch.compile guards cheaply and stably: a
 # WeakKeyDictionary makes Dynamo guard on the position of the model among its keys, which
 # changes whenever another model is collected.
-_SPLIT_CACHE: dict[int, dict[str, tuple[tuple, LayerSplit | None]]] = {}
+# A key is a layer (its LayerSplit) or a tuple of layers (their LayerChain).
+_SPLIT_CACHE: dict[
+    int, dict[str | tuple[str, ...], tuple[tuple, LayerSplit | LayerChain | None]]
+] = {}
 _SPLIT_LOCK = threading.Lock()
 _WARNED: set[tuple[int, str]] = set()
 
@@ -222,6 +228,29 @@ def _drop_dead_models() -> None:
         _SPLIT_CACHE.pop(_DEAD.pop(), None)
 
 
+def _cached(
+    model: nn.Module,
+    key: str | tuple[str, ...],
+    build: Callable[[], LayerSplit | LayerChain | None],
+) -> LayerSplit | LayerChain | None:
+    """The cache entry of (model, key), built by ``build`` when missing or stale."""
+    signature = _structure_signature(model)
+    with _SPLIT_LOCK:
+        _drop_dead_models()  # before the lookup: a new model may have a dead one's id
+        per_model = _SPLIT_CACHE.get(id(model))
+        if per_model is None:
+            per_model = _SPLIT_CACHE[id(model)] = {}
+            weakref.finalize(model, _forget_model, id(model))
+        cached = per_model.get(key)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        if cached is not None and cached[1] is not None:
+            cached[1].release()
+        built = build()
+        per_model[key] = (signature, built)
+        return built
+
+
 def get_split(model: nn.Module, layer: str) -> LayerSplit | None:
     """The cached split of ``model`` at ``layer``, or ``None`` if torch.fx cannot trace it."""
     if torch.compiler.is_compiling():
@@ -234,39 +263,56 @@ def get_split(model: nn.Module, layer: str) -> LayerSplit | None:
                 "call fastxai.capture.prepare(model, layer) (or the method once) outside "
                 "torch.compile, or use fastxai.nn.Explainer, which prepares at construction"
             )
-        return cached[1]
-    signature = _structure_signature(model)
-    with _SPLIT_LOCK:
-        _drop_dead_models()  # before the lookup: a new model may have a dead one's id
-        per_model = _SPLIT_CACHE.get(id(model))
-        if per_model is None:
-            per_model = _SPLIT_CACHE[id(model)] = {}
-            weakref.finalize(model, _forget_model, id(model))
-        cached = per_model.get(layer)
-        if cached is not None and cached[0] == signature:
-            return cached[1]
-        if cached is not None and cached[1] is not None:
-            cached[1].release()
+        return cached[1]  # type: ignore[return-value]
+
+    def build() -> LayerSplit | None:
         try:
-            split: LayerSplit | None = LayerSplit(model, layer)
+            return LayerSplit(model, layer)
         except ValueError as exc:
             if not isinstance(exc, torch.fx.proxy.TraceError):
                 raise  # our own errors (e.g. a call index out of range)
-            split = _fallback(model, layer, exc)
+            return _fallback(model, layer, exc)
         except Exception as exc:  # untraceable control flow: documented hook fallback
-            split = _fallback(model, layer, exc)
-        per_model[layer] = (signature, split)
-        return split
+            return _fallback(model, layer, exc)
+
+    return _cached(model, layer, build)  # type: ignore[return-value]
+
+
+def get_chain(model: nn.Module, layers: Sequence[str]) -> LayerChain | None:
+    """The cached chain of ``model`` cut at ``layers``, or ``None`` where one trace cannot give
+    them all (untraceable model, a layer not reached): those layers are captured one by one, by
+    the path that reports such errors. Inside ``torch.compile`` only a chain built before (by an
+    eager call or :func:`prepare`) is used."""
+    key = tuple(layers)
+    if torch.compiler.is_compiling():
+        cached = _SPLIT_CACHE.get(id(model), {}).get(key)
+        return None if cached is None else cached[1]  # type: ignore[return-value]
+
+    def build() -> LayerChain | None:
+        try:
+            return LayerChain(model, layers, [split_layer_ref(layer) for layer in layers])
+        except Exception:  # the per-layer path raises or falls back to hooks with its message
+            return None
+
+    return _cached(model, key, build)  # type: ignore[return-value]
 
 
 def prepare(model: nn.Module, layers: str | nn.Module | Sequence[str | nn.Module]) -> None:
-    """Build and cache the split of ``model`` at each layer now (eagerly).
+    """Build and cache the split of ``model`` at each layer, and the chain of several layers,
+    now (eagerly).
 
-    Needed once before a ``torch.compile``'d call reaches a (model, layer) pair for the first
-    time: torch.fx tracing cannot run inside a compiled region.
+    Needed once before a ``torch.compile``'d call reaches a (model, layers) pair for the first
+    time: torch.fx tracing cannot run inside a compiled region (a compiled call whose chain was
+    not built captures the layers one by one).
     """
-    for layer in layers if isinstance(layers, (list, tuple)) else [layers]:
-        get_split(model, resolve_layer(model, layer))
+    names = [
+        resolve_layer(model, layer)
+        for layer in (layers if isinstance(layers, (list, tuple)) else [layers])
+    ]
+    for name in names:
+        get_split(model, name)
+    if len(names) > 1:
+        get_chain(model, names)
 
 
 def _fallback(model: nn.Module, layer: str, exc: Exception) -> None:
@@ -292,8 +338,10 @@ class LayerCapture:
             other models, explained through ``targets`` callables).
         targets: the resolved targets (class indices and/or callables, scores).
         raw_activation: the layer output before ``reshape_transform``.
-        carry: the other values the suffix reads (empty on the hook path).
-        split: the split used (``None`` on the hook path).
+        carry: the other values the suffix reads (empty where ``split`` is ``None``).
+        split: the layer's own split when the capture ran through it; ``None`` on the hook
+            path and for layers captured together by a :class:`~fastxai.layer_chain.LayerChain`
+            (``capture_layers(..., own_splits=True)`` gives every layer its split).
     """
 
     activation: Tensor
@@ -535,18 +583,115 @@ def capture_layers(
     reshape_transform: ReshapeTransform | None = None,
     logits_graph: bool = False,
     create_graph: bool = False,
+    own_splits: bool = False,
 ) -> list[LayerCapture]:
-    """:func:`capture_layer` for each layer (one forward and one vector-Jacobian product each)."""
-    return [
-        capture_layer(
-            model,
-            x,
-            layer,
-            targets,
-            with_gradient=with_gradient,
-            reshape_transform=reshape_transform,
-            logits_graph=logits_graph,
-            create_graph=create_graph,
+    """Every layer's :class:`LayerCapture` from one forward and, if asked, one backward pass.
+
+    Several layers run through the model's :class:`~fastxai.layer_chain.LayerChain`: activations
+    and gradients equal :func:`capture_layer`'s for each layer, at the cost of one forward and
+    one backward to the shallowest layer. :func:`capture_layer` runs per layer (one forward and
+    one vector-Jacobian product each) for a single layer, with ``own_splits=True`` (methods that
+    re-run the network after a layer need its split and carry), in the autograd graph
+    (``logits_graph`` / ``create_graph`` with grad enabled), on the hook path, and where one trace
+    cannot cut at every layer.
+    """
+    in_graph = (logits_graph or create_graph) and torch.is_grad_enabled()
+    several = not (own_splits or in_graph) and len(layers) > 1
+    chain = get_chain(model, layers) if several else None
+    if chain is None:
+        return [
+            capture_layer(
+                model,
+                x,
+                layer,
+                targets,
+                with_gradient=with_gradient,
+                reshape_transform=reshape_transform,
+                logits_graph=logits_graph,
+                create_graph=create_graph,
+            )
+            for layer in layers
+        ]
+    return _capture_chain(chain, x, targets, with_gradient, reshape_transform)
+
+
+def _capture_chain(
+    chain: LayerChain,
+    x: Tensor,
+    targets: Any,
+    with_gradient: bool,
+    reshape_transform: ReshapeTransform | None,
+) -> list[LayerCapture]:
+    boundaries: list[list[Any]] = []
+    gradients: list[dict[int, Tensor]] = []
+    with torch.no_grad():
+        boundaries.append(list(chain.prefix(x)))
+        if not with_gradient:
+            for piece in chain.pieces[:-1]:
+                boundaries.append(list(run_piece(piece, boundaries[-1])))
+            logits = _check_output(run_piece(chain.pieces[-1], boundaries[-1]), x.shape[0])
+            resolved = resolve_targets(targets, logits)
+        else:
+            # torch.func.vjp differentiates under the no_grad above (as in capture_layer).
+            pullbacks = []
+            for k, piece in enumerate(chain.pieces):
+                inputs = differentiated(chain.differentiable[k], boundaries[k])
+                others: list[Any] = []
+                step = _vjp_step(piece, boundaries[k], inputs, chain.differentiable, k, others)
+                primals = [boundaries[k][i] for i in inputs]
+                out, pullback, tensors = torch.func.vjp(step, *primals, has_aux=True)
+                pullbacks.append(pullback)
+                if k + 1 < len(chain.pieces):
+                    # The next boundary: its tensors as vjp returns the auxiliary output, other
+                    # values (sizes) as the piece returned them.
+                    produced = iter(tensors)
+                    boundaries.append([next(produced) if o is None else o for o in others])
+            logits = _check_output(out, x.shape[0])
+            resolved = resolve_targets(targets, logits)
+            cotangents: Any = resolved.cotangent(logits)
+            for k in reversed(range(len(chain.pieces))):
+                inputs = differentiated(chain.differentiable[k], boundaries[k])
+                cotangents = pullbacks[k](cotangents)
+                gradients.append(dict(zip(inputs, cotangents, strict=True)))
+            gradients.reverse()
+    captures = []
+    for layer, k, slot in zip(chain.layers, chain.position, chain.slot, strict=True):
+        a_raw = boundaries[k][slot]
+        gradient = None
+        if with_gradient:
+            if slot not in gradients[k]:
+                raise ValueError(f"layer {layer!r}: its output is not a floating-point tensor")
+            gradient = _apply_transform(gradients[k][slot], reshape_transform, layer).detach()
+        activation = _apply_transform(a_raw, reshape_transform, layer).detach()
+        captures.append(
+            LayerCapture(activation, gradient, logits.detach(), resolved, a_raw.detach(), (), None)
         )
-        for layer in layers
-    ]
+    return captures
+
+
+def _vjp_step(
+    piece: fx.GraphModule,
+    boundary: list[Any],
+    inputs: list[int],
+    masks: list[list[bool]],
+    k: int,
+    others: list[Any],
+) -> Callable[..., Any]:
+    """The function of piece ``k`` that ``torch.func.vjp`` differentiates: the boundary's
+    differentiated values in, the next boundary's differentiated values out (the model's output
+    for the last piece). The next boundary's tensors are the auxiliary output (vjp accepts only
+    tensors there); its other values go to ``others``, with ``None`` where a tensor stands."""
+    last = k + 1 == len(masks)
+
+    def step(*primals: Tensor) -> tuple[Any, tuple[Tensor, ...]]:
+        values = list(boundary)
+        for i, p in zip(inputs, primals, strict=True):
+            values[i] = p
+        out = run_piece(piece, values)
+        if last:
+            return out, ()
+        outputs = differentiated(masks[k + 1], out)
+        others.extend(None if isinstance(v, Tensor) else v for v in out)
+        return tuple(out[i] for i in outputs), tuple(v for v in out if isinstance(v, Tensor))
+
+    return step

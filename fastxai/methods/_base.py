@@ -99,12 +99,15 @@ def explain_layers(
     raw_map: RawMapFn | None = None,
     logits_graph: bool = False,
     create_graph: bool = False,
+    reruns_suffix: bool = False,
 ) -> Explanation:
     """Run a CAM method given by its ``contributions`` function; see :mod:`fastxai.methods`.
 
     ``raw_map``, when given, computes the raw map directly (without ``eigen_smooth``).
     ``logits_graph`` and ``create_graph`` (with grad enabled): the first layer's capture is the
-    model's own forward (see :func:`fastxai.capture.capture_layer`).
+    model's own forward (see :func:`fastxai.capture.capture_layer`). ``reruns_suffix``: the
+    method re-runs the network after each layer, so every layer is captured through its own split
+    (one pass per layer instead of one for all).
     """
     in_graph = (logits_graph or create_graph) and torch.is_grad_enabled()
     check_model(model, forward_of_loss=in_graph)
@@ -129,6 +132,7 @@ def explain_layers(
         reshape_transform=reshape_transform,
         logits_graph=in_graph,
         create_graph=create_graph and in_graph,
+        own_splits=reruns_suffix,
     )
     with ExitStack() as buffers:
         if in_graph:
@@ -276,6 +280,7 @@ def make_cam_method(
     raw_map: RawMapFn | None = None,
     differentiable: bool = True,
     reads_reshape_transform: bool = False,
+    reruns_suffix: bool = False,
 ) -> Callable[..., Explanation]:
     """Build the public function of a CAM method from its ``contributions`` rule.
 
@@ -284,7 +289,8 @@ def make_cam_method(
     ``reads_reshape_transform`` so is ``reshape_transform`` (for a method that maps its own
     derivatives of the raw layer output onto the reshaped grid). ``differentiable``: the
     contributions are differentiable in the captured activation and gradient
-    (``create_graph=True`` is supported).
+    (``create_graph=True`` is supported). ``reruns_suffix``: the rule runs the network after the
+    layer (``cap.split``), see :func:`explain_layers`.
     """
     if differentiable:
         DIFFERENTIABLE_METHODS.add(name)
@@ -328,6 +334,7 @@ def make_cam_method(
             raw_map=None if raw_map is None else functools.partial(raw_map, **method_options),
             logits_graph=logits_graph,
             create_graph=create_graph,
+            reruns_suffix=reruns_suffix,
         )
 
     explain.__name__ = explain.__qualname__ = name

@@ -70,6 +70,7 @@ ablationcam = make_cam_method(
     ablationcam_contributions,
     with_gradient=False,
     differentiable=False,
+    reruns_suffix=True,
     summary=r"""Ablation-CAM: :math:`M = \mathrm{ReLU}(\sum_k w_k A_k)` with
     :math:`w_k = (y - y_k)/y`,
     :math:`y_k` the target score with channel ``k`` of the layer set to zero (the paper's

@@ -50,6 +50,7 @@ shapleycam = make_cam_method(
     shapleycam_contributions,
     with_gradient=True,
     differentiable=False,
+    reruns_suffix=True,
     reads_reshape_transform=True,
     summary=r"""Shapley-CAM: :math:`M = \mathrm{ReLU}(\sum_k w_k A_k)` with
     :math:`w_k = \mathrm{mean}_{ij}(g - \tfrac12 H A)_{kij}`, :math:`g` the gradient of the target
