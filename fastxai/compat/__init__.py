@@ -11,8 +11,9 @@ Classes: ``GradCAM``, ``GradCAMPlusPlus``, ``XGradCAM``, ``LayerCAM``, ``HiResCA
 ``uses_gradients``, ``tta_transforms`` and ``detach``, and whose subclasses may override
 ``get_cam_weights`` or ``get_cam_image``, as in pytorch-grad-cam). Helpers:
 :mod:`fastxai.compat.utils.model_targets`, :mod:`fastxai.compat.utils.image` and
-:mod:`fastxai.compat.utils.reshape_transforms`. Not provided: ``FEM``, ``SegEigenCAM``,
-``RefineCAM``, ``SESS``, ``AblationLayer`` and deep feature factorisation.
+:mod:`fastxai.compat.utils.reshape_transforms`; metrics: :mod:`fastxai.compat.metrics`. Not
+provided: ``FEM``, ``SegEigenCAM``, ``RefineCAM``, ``SESS``, ``AblationLayer`` and deep feature
+factorisation.
 
 Differences, all deliberate:
 
