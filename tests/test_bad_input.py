@@ -141,7 +141,7 @@ def test_bad_fusion_and_compat_arguments(model, images):
     with pytest.raises(ValueError, match="target_layers must be a non-empty list"):
         compat.GradCAM(model, model.layer4)
     with pytest.raises(ValueError, match="ratio_channels_to_ablate"):
-        compat.AblationCAM(model, [model.layer4], ratio_channels_to_ablate=0.5)
+        compat.AblationCAM(model, [model.layer4], ratio_channels_to_ablate=1.5)
 
 
 def test_cam_needs_linear_head_and_class_targets(model, images):

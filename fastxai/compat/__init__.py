@@ -11,8 +11,12 @@ Classes: ``GradCAM``, ``GradCAMPlusPlus``, ``XGradCAM``, ``LayerCAM``, ``HiResCA
 ``uses_gradients``, ``tta_transforms`` and ``detach``, and whose subclasses may override
 ``get_cam_weights`` or ``get_cam_image``, as in pytorch-grad-cam). Helpers:
 :mod:`fastxai.compat.utils.model_targets`, :mod:`fastxai.compat.utils.image` and
-:mod:`fastxai.compat.utils.reshape_transforms`. Not provided: ``FEM``, ``SegEigenCAM``,
-``RefineCAM``, ``SESS``, ``AblationLayer`` and deep feature factorisation.
+:mod:`fastxai.compat.utils.reshape_transforms`; metrics: :mod:`fastxai.compat.metrics`. Not
+provided: ``FEM``, ``SegEigenCAM``, ``RefineCAM``, ``SESS`` and deep feature factorisation.
+``AblationCAM`` takes ``ratio_channels_to_ablate`` (pytorch-grad-cam's channel selection),
+``reshape_transform`` (token outputs: each channel is zeroed at every token) and the ablation
+layers of :mod:`fastxai.compat.ablation_layer` or pytorch-grad-cam, read by class name
+(``AblationLayerFasterRCNN`` is refused: detector outputs are not supported yet).
 
 Differences, all deliberate:
 
@@ -25,7 +29,10 @@ Differences, all deliberate:
 - activations are captured faithfully where pytorch-grad-cam reads a tensor that a later in-place
   ReLU overwrote (e.g. vgg16 ``features[28]``, resnet ``layer1[0].bn1``): there the two differ;
 - Ablation-CAM sets the ablated channel to 0 (the paper), also where the layer can be negative
-  (pytorch-grad-cam uses min - 1e7 there), and re-runs only the network after the layer;
+  (pytorch-grad-cam uses min - 1e7 there, e.g. at a ViT's LayerNorm), and re-runs only the
+  network after the layer; ``ratio_channels_to_ablate`` above 0.5 ablates every channel
+  (pytorch-grad-cam 1.5.7 ablates the overlap of its two halves twice and then weighs no channel
+  after the first one ablated twice);
 - Eigen-CAM, Eigen-Grad-CAM and ``eigen_smooth`` fix the arbitrary SVD sign (largest-magnitude
   value positive; KPCA-CAM's scikit-learn reference fixes it the same way);
 - KPCA-CAM computes the kernel PCA in float64 with torch (no scikit-learn), so it is closer to

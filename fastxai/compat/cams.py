@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ from fastxai import methods
 from fastxai.capture import ReshapeTransform
 from fastxai.compat._base import BaseCAM
 from fastxai.compat._differences import SVD_SIGN, warn_once
+from fastxai.compat.ablation_layer import channels_to_ablate
 from fastxai.explanation import Explanation
 
 
@@ -145,6 +147,12 @@ class ScoreCAM(_PerturbationCAM):
 
 
 class AblationCAM(_PerturbationCAM):
+    """pytorch-grad-cam's Ablation-CAM: ``ablation_layer`` (pytorch-grad-cam's or
+    :mod:`fastxai.compat.ablation_layer`'s, by class name) says where the channels of the layer
+    output are (``None``: chosen from the shapes, see :func:`fastxai.ablationcam`);
+    ``ratio_channels_to_ablate`` < 1 ablates only pytorch-grad-cam's selection of channels
+    (:func:`fastxai.compat.ablation_layer.channels_to_ablate`), the others weigh 0."""
+
     method = methods.ablationcam
 
     def __init__(
@@ -152,19 +160,46 @@ class AblationCAM(_PerturbationCAM):
         model: nn.Module,
         target_layers: Sequence[nn.Module],
         reshape_transform: ReshapeTransform | None = None,
-        ablation_layer: nn.Module | None = None,
+        ablation_layer: object | None = None,
         batch_size: int | None = None,
         ratio_channels_to_ablate: float = 1.0,
     ) -> None:
         super().__init__(model, target_layers, reshape_transform)
-        if ablation_layer is not None:
-            raise ValueError(
-                "ablation_layer: fastxai ablates channels itself (set to 0, suffix-only re-runs); "
-                "custom ablation layers are not supported"
-            )
-        if ratio_channels_to_ablate != 1.0:
-            raise ValueError(
-                "ratio_channels_to_ablate: only 1.0 (every channel) is supported; fastxai "
-                "re-runs only the network after the layer, so ablating all channels is cheap"
-            )
+        self.ablation_layer = ablation_layer
+        self.channel_axis = _channel_axis_of_layer(ablation_layer)
+        ratio = ratio_channels_to_ablate
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
+            raise ValueError(f"ratio_channels_to_ablate must be in [0, 1], got {ratio!r}")
+        self.ratio_channels_to_ablate = ratio
         self.batch_size = batch_size
+
+    def _method_options(self) -> dict[str, Any]:
+        select = None
+        if self.ratio_channels_to_ablate < 1:
+            select = functools.partial(channels_to_ablate, ratio=self.ratio_channels_to_ablate)
+        return {
+            "batch_size": self.batch_size,
+            "channel_axis": self.channel_axis,
+            "select_channels": select,
+        }
+
+
+def _channel_axis_of_layer(ablation_layer: object | None) -> int | None:
+    if ablation_layer is None:
+        return None
+    name = type(ablation_layer).__name__
+    if name == "AblationLayerFasterRCNN":
+        raise ValueError(
+            "ablation_layer: AblationLayerFasterRCNN (detector feature pyramids) is not "
+            "supported yet; fastxai.compat.AblationCAM explains classifier-style outputs"
+        )
+    if name not in _CHANNEL_AXES:
+        raise ValueError(
+            "ablation_layer: expected AblationLayer() or AblationLayerVit() (pytorch-grad-cam's "
+            f"or fastxai.compat.ablation_layer's), got {name}; fastxai ablates channels itself "
+            "(set to 0, suffix-only re-runs)"
+        )
+    return _CHANNEL_AXES[name]
+
+
+_CHANNEL_AXES = {"AblationLayer": 1, "AblationLayerVit": -1}
