@@ -272,11 +272,13 @@ PATTERNS = [
 
 def run_pattern(pattern: Pattern) -> tuple[str, str, str]:
     np.random.seed(0)
+    torch.manual_seed(0)
     try:
         want = pattern.run(PGC)
     except Exception as exc:  # the pattern itself fails under pytorch-grad-cam
         return "pgc fails", "", f"{type(exc).__name__}: {exc}"[:80]
     np.random.seed(0)
+    torch.manual_seed(0)
     try:
         got = pattern.run(FASTXAI)
     except Exception as exc:
