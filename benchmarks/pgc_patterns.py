@@ -129,10 +129,12 @@ def guided_backprop(prefix: str) -> list[np.ndarray]:
     image_mod = lib(prefix, "utils.image")
     net = model("resnet18")
     _, input_tensor = image(size=160)
-    gb_model = cams.GuidedBackpropReLUModel(model=net, device="cpu")
-    gb = gb_model(input_tensor, target_category=None)
+    # cam.py's order: the CAM, then guided backprop (pytorch-grad-cam's guided backprop returns a
+    # view of input_tensor.grad, which a later CAM call on the same tensor would add to)
     with cams.GradCAM(model=net, target_layers=[net.layer4]) as cam:
         grayscale = cam(input_tensor=input_tensor, targets=None)[0]
+    gb_model = cams.GuidedBackpropReLUModel(model=net, device="cpu")
+    gb = gb_model(input_tensor, target_category=None)
     cam_mask = np.stack([grayscale] * 3, axis=-1)
     cam_gb = image_mod.deprocess_image(cam_mask * gb)
     return [gb, image_mod.deprocess_image(gb).astype(np.float32), cam_gb.astype(np.float32)]
