@@ -42,6 +42,7 @@ from cam_methods import (
     quiet,
     torchvision_model,
     upsample_minmax,
+    vjp_floor,
 )
 
 import fastxai
@@ -67,22 +68,6 @@ def fastxai_per_layer(model: nn.Module, x: Tensor) -> Contender:
         ).maps
 
     return Contender("fastxai per layer", run)
-
-
-def vjp_floor(model: nn.Module, x: Tensor) -> Contender:
-    """``prefix(x)`` of the split at layer1 without autograd, then ``torch.func.vjp``."""
-    split = fastxai.capture.get_split(model, LAYERS[0])
-    assert split is not None
-
-    def run() -> Tensor:
-        with torch.no_grad():
-            a, *carry = split.prefix(x)
-            logits, vjp_fn = torch.func.vjp(lambda t: split.suffix(t, *carry), a)
-            top1 = logits.argmax(1, keepdim=True)
-            (g,) = vjp_fn(torch.zeros_like(logits).scatter_(1, top1, 1.0))
-        return g
-
-    return Contender("floor_vjp", run)
 
 
 def pgc_layercam(model: nn.Module, x: Tensor) -> Contender:
@@ -176,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             for c in (
                 Contender("fastxai", lambda x=x: fastxai.layercam(model, x, LAYERS).maps),
                 fastxai_per_layer(model, x),
-                vjp_floor(model, x),
+                vjp_floor(model, LAYERS[0], x),
             ):
                 with FlopCounterMode(display=False) as counter:
                     c.run()
@@ -194,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             Contender("fastxai", lambda x=x: fastxai.layercam(model, x, LAYERS).maps),
             fastxai_per_layer(model, x),
             hook_floor(model, LAYERS[0], x),
-            vjp_floor(model, x),
+            vjp_floor(model, LAYERS[0], x),
             pgc_layercam(model, x),
             torchcam_layercam(model, x),
         ]

@@ -216,28 +216,21 @@ def detector() -> tuple[nn.Module, torch.Tensor, list, list]:
     return net, input_tensor, outputs["labels"][keep].tolist(), outputs["boxes"][keep].numpy()
 
 
-def detection(prefix: str) -> list[np.ndarray]:
-    cams = lib(prefix)
-    targets_mod = lib(prefix, "utils.model_targets")
-    transforms = lib(prefix, "utils.reshape_transforms")
-    net, input_tensor, labels, boxes = detector()
-    targets = [targets_mod.FasterRCNNBoxScoreTarget(labels=labels, bounding_boxes=boxes)]
-    with cams.EigenCAM(
-        net, [net.backbone], reshape_transform=transforms.fasterrcnn_reshape_transform
-    ) as cam:
-        return [cam(input_tensor, targets=targets)[0, :]]
+def detection_with(method: str) -> Callable[[str], list[np.ndarray]]:
+    """The detection tutorial's CAM of Faster R-CNN's backbone for its top-3 boxes."""
 
+    def run(prefix: str) -> list[np.ndarray]:
+        cams = lib(prefix)
+        targets_mod = lib(prefix, "utils.model_targets")
+        transforms = lib(prefix, "utils.reshape_transforms")
+        net, input_tensor, labels, boxes = detector()
+        targets = [targets_mod.FasterRCNNBoxScoreTarget(labels=labels, bounding_boxes=boxes)]
+        with getattr(cams, method)(
+            net, [net.backbone], reshape_transform=transforms.fasterrcnn_reshape_transform
+        ) as cam:
+            return [cam(input_tensor, targets=targets)[0, :]]
 
-def detection_gradcam(prefix: str) -> list[np.ndarray]:
-    cams = lib(prefix)
-    targets_mod = lib(prefix, "utils.model_targets")
-    transforms = lib(prefix, "utils.reshape_transforms")
-    net, input_tensor, labels, boxes = detector()
-    targets = [targets_mod.FasterRCNNBoxScoreTarget(labels=labels, bounding_boxes=boxes)]
-    with cams.GradCAM(
-        net, [net.backbone], reshape_transform=transforms.fasterrcnn_reshape_transform
-    ) as cam:
-        return [cam(input_tensor, targets=targets)[0, :]]
+    return run
 
 
 # ------------------------------------------------------------------------------------------
@@ -266,8 +259,8 @@ PATTERNS = [
     Pattern("vit", "vit_example.py", vit),
     Pattern("swin", "swinT_example.py", swin),
     Pattern("segmentation", "tutorial", segmentation),
-    Pattern("detection-eigencam", "tutorial", detection),
-    Pattern("detection-gradcam", "tutorial", detection_gradcam),
+    Pattern("detection-eigencam", "tutorial", detection_with("EigenCAM")),
+    Pattern("detection-gradcam", "tutorial", detection_with("GradCAM")),
     Pattern("metrics", "tutorial", metrics),
 ]
 
