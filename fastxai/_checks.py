@@ -13,11 +13,13 @@ from __future__ import annotations
 import sys
 import warnings
 import weakref
+from collections.abc import Hashable
 
 import torch
 from torch import Tensor, nn
 
 _WARNED_TRAINING: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+_WARNED_ONCE: set[Hashable] = set()
 
 
 def model_device(model: nn.Module) -> torch.device | None:
@@ -35,6 +37,13 @@ def warn_user(message: str) -> None:
     while frame is not None and frame.f_globals.get("__name__", "").startswith("fastxai"):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UserWarning, stacklevel=level)
+
+
+def warn_user_once(key: Hashable, message: str) -> None:
+    """:func:`warn_user` the first time ``key`` is seen in this process."""
+    if key not in _WARNED_ONCE:
+        _WARNED_ONCE.add(key)
+        warn_user(message)
 
 
 def check_model(model: nn.Module, forward_of_loss: bool = False) -> None:

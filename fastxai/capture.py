@@ -28,7 +28,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 from torch.utils._pytree import tree_leaves, tree_map
 
-from fastxai._checks import warn_user
+from fastxai._checks import warn_user_once
 from fastxai._tracing import ThreadOwnedTracer, release_graph_module
 from fastxai.layer_chain import LayerChain, differentiated, run_piece
 from fastxai.targets import ResolvedTargets, resolve_targets
@@ -207,7 +207,6 @@ _SPLIT_CACHE: dict[
     int, dict[str | tuple[str, ...], tuple[tuple, LayerSplit | LayerChain | None]]
 ] = {}
 _SPLIT_LOCK = threading.Lock()
-_WARNED: set[tuple[int, str]] = set()
 
 
 _DEAD: list[int] = []  # ids of dead models whose entries the next eager get_split drops
@@ -317,14 +316,12 @@ def prepare(model: nn.Module, layers: str | nn.Module | Sequence[str | nn.Module
 
 def _fallback(model: nn.Module, layer: str, exc: Exception) -> None:
     """Warn once per (model, layer) that the hook path is used; return no split."""
-    key = (id(model), layer)
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warn_user(
-            f"torch.fx could not trace the model ({type(exc).__name__}: {exc}); "
-            "fastxai falls back to a temporary forward hook at the layer (safe across "
-            "threads; not compilable with torch.compile(fullgraph=True))"
-        )
+    warn_user_once(
+        ("fx fallback", id(model), layer),
+        f"torch.fx could not trace the model ({type(exc).__name__}: {exc}); "
+        "fastxai falls back to a temporary forward hook at the layer (safe across "
+        "threads; not compilable with torch.compile(fullgraph=True))",
+    )
 
 
 @dataclass

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+import fastxai._checks
 from fastxai import compat
-from fastxai.compat import _differences
 
 
 def small_net() -> nn.Module:
@@ -25,7 +25,7 @@ def small_net() -> nn.Module:
 
 @pytest.fixture(autouse=True)
 def fresh_warnings(monkeypatch):
-    monkeypatch.setattr(_differences, "_WARNED", set())
+    monkeypatch.setattr(fastxai._checks, "_WARNED_ONCE", set())
 
 
 @pytest.mark.parametrize(

@@ -6,9 +6,7 @@ differences is in :mod:`fastxai.compat`'s docstring.
 
 from __future__ import annotations
 
-from fastxai._checks import warn_user
-
-_WARNED: set[str] = set()
+from fastxai._checks import warn_user_once
 
 SVD_SIGN = (
     "fastxai.compat: the principal component's sign is fixed (largest-magnitude value "
@@ -22,6 +20,4 @@ ONE_TARGET_FOR_A_BATCH = (
 
 
 def warn_once(message: str) -> None:
-    if message not in _WARNED:
-        _WARNED.add(message)
-        warn_user(message)
+    warn_user_once(message, message)
