@@ -70,7 +70,10 @@ class BaseCAM:
         grads: Any,
     ) -> np.ndarray:
         """Channel weights ``(N, C)``; override in a subclass (pytorch-grad-cam's hook)."""
-        raise NotImplementedError("get_cam_weights must be implemented by subclass")
+        raise NotImplementedError(
+            f"{type(self).__name__}: a BaseCAM subclass overrides get_cam_weights (or "
+            "get_cam_image), as in pytorch-grad-cam, or sets `method` to a fastxai method"
+        )
 
     def get_cam_image(
         self,
