@@ -34,7 +34,9 @@ Differences, all deliberate:
   (pytorch-grad-cam 1.5.7 ablates the overlap of its two halves twice and then weighs no channel
   after the first one ablated twice);
 - Eigen-CAM, Eigen-Grad-CAM and ``eigen_smooth`` fix the arbitrary SVD sign (largest-magnitude
-  value positive; KPCA-CAM's scikit-learn reference fixes it the same way);
+  value positive; KPCA-CAM's scikit-learn reference fixes it the same way); the keyword
+  ``svd_sign="numpy"`` of every class takes pytorch-grad-cam's sign instead (that of NumPy's
+  float32 SVD), which gives its maps;
 - KPCA-CAM computes the kernel PCA in float64 with torch (no scikit-learn), so it is closer to
   the exact result than pytorch-grad-cam's float32 one; kernels: sigmoid, rbf, poly, linear,
   cosine;

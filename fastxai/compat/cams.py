@@ -12,9 +12,9 @@ from torch import Tensor, nn
 from fastxai import methods
 from fastxai.capture import ReshapeTransform
 from fastxai.compat._base import BaseCAM
-from fastxai.compat._differences import SVD_SIGN, warn_once
 from fastxai.compat.ablation_layer import channels_to_ablate
 from fastxai.explanation import Explanation
+from fastxai.methods._projection import SvdSign
 
 
 class GradCAM(BaseCAM):
@@ -52,9 +52,16 @@ class ShapleyCAM(BaseCAM):
         model: nn.Module,
         target_layers: Sequence[nn.Module],
         reshape_transform: ReshapeTransform | None = None,
+        *,
+        svd_sign: SvdSign = "largest_positive",
     ) -> None:
         super().__init__(
-            model, target_layers, reshape_transform, compute_input_gradient=True, detach=False
+            model,
+            target_layers,
+            reshape_transform,
+            compute_input_gradient=True,
+            detach=False,
+            svd_sign=svd_sign,
         )
 
 
@@ -67,10 +74,12 @@ class _ProjectionCAM(BaseCAM):
 
 
 class EigenCAM(_ProjectionCAM):
+    """``svd_sign="numpy"`` gives pytorch-grad-cam's maps (see :class:`BaseCAM`)."""
+
     method = methods.eigencam
 
     def _explain(self, x: Tensor, targets: Any, eigen_smooth: bool) -> Explanation:
-        warn_once(SVD_SIGN)
+        self._warn_of_svd_sign()
         return super()._explain(x, targets, eigen_smooth)
 
     def __init__(
@@ -78,15 +87,21 @@ class EigenCAM(_ProjectionCAM):
         model: nn.Module,
         target_layers: Sequence[nn.Module],
         reshape_transform: ReshapeTransform | None = None,
+        *,
+        svd_sign: SvdSign = "largest_positive",
     ) -> None:
-        super().__init__(model, target_layers, reshape_transform, uses_gradients=False)
+        super().__init__(
+            model, target_layers, reshape_transform, uses_gradients=False, svd_sign=svd_sign
+        )
 
 
 class EigenGradCAM(_ProjectionCAM):
+    """``svd_sign="numpy"`` gives pytorch-grad-cam's maps (see :class:`BaseCAM`)."""
+
     method = methods.eigengradcam
 
     def _explain(self, x: Tensor, targets: Any, eigen_smooth: bool) -> Explanation:
-        warn_once(SVD_SIGN)
+        self._warn_of_svd_sign()
         return super()._explain(x, targets, eigen_smooth)
 
 
@@ -135,8 +150,12 @@ class _PerturbationCAM(BaseCAM):
         model: nn.Module,
         target_layers: Sequence[nn.Module],
         reshape_transform: ReshapeTransform | None = None,
+        *,
+        svd_sign: SvdSign = "largest_positive",
     ) -> None:
-        super().__init__(model, target_layers, reshape_transform, uses_gradients=False)
+        super().__init__(
+            model, target_layers, reshape_transform, uses_gradients=False, svd_sign=svd_sign
+        )
 
     def _method_options(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size}
@@ -163,8 +182,10 @@ class AblationCAM(_PerturbationCAM):
         ablation_layer: object | None = None,
         batch_size: int | None = None,
         ratio_channels_to_ablate: float = 1.0,
+        *,
+        svd_sign: SvdSign = "largest_positive",
     ) -> None:
-        super().__init__(model, target_layers, reshape_transform)
+        super().__init__(model, target_layers, reshape_transform, svd_sign=svd_sign)
         self.ablation_layer = ablation_layer
         self.channel_axis = _channel_axis_of_layer(ablation_layer)
         ratio = ratio_channels_to_ablate
