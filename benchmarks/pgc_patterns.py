@@ -106,6 +106,8 @@ CAM_PY_METHODS = [
     "ShapleyCAM",
     "FinerCAM",
 ]
+# pytorch-grad-cam 1.5.7's classes that its cam.py table does not list, run the same way
+MORE_METHODS = ["FEM", "SegEigenCAM"]
 
 
 def cam_py(method: str, aug_smooth: bool = False, eigen_smooth: bool = False):
@@ -254,6 +256,7 @@ def metrics(prefix: str) -> list[np.ndarray]:
 PATTERNS = [
     Pattern("readme-gradcam", "README", readme),
     *[Pattern(f"cam.py-{m}", "cam.py", cam_py(m)) for m in CAM_PY_METHODS],
+    *[Pattern(f"class-{m}", "cam.py usage", cam_py(m)) for m in MORE_METHODS],
     Pattern("cam.py-aug+eigen-smooth", "cam.py", cam_py("GradCAM", True, True)),
     Pattern("cam.py-guided-backprop", "cam.py", guided_backprop),
     Pattern("vit", "vit_example.py", vit),

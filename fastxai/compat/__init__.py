@@ -5,14 +5,14 @@
 eigen_smooth)``) and returns the same float32 numpy array ``(N, H, W)`` in [0, 1].
 
 Classes: ``GradCAM``, ``GradCAMPlusPlus``, ``XGradCAM``, ``LayerCAM``, ``HiResCAM``,
-``GradCAMElementWise``, ``ShapleyCAM``, ``EigenCAM``, ``EigenGradCAM``, ``KPCA_CAM``,
-``RandomCAM``, ``ScoreCAM``, ``AblationCAM``, ``FinerCAM``, ``FullGrad``,
+``GradCAMElementWise``, ``ShapleyCAM``, ``EigenCAM``, ``EigenGradCAM``, ``SegEigenCAM``,
+``KPCA_CAM``, ``FEM``, ``RandomCAM``, ``ScoreCAM``, ``AblationCAM``, ``FinerCAM``, ``FullGrad``,
 ``GuidedBackpropReLUModel`` and ``BaseCAM`` (whose constructor takes ``compute_input_gradient``,
 ``uses_gradients``, ``tta_transforms`` and ``detach``, and whose subclasses may override
 ``get_cam_weights`` or ``get_cam_image``, as in pytorch-grad-cam). Helpers:
 :mod:`fastxai.compat.utils.model_targets`, :mod:`fastxai.compat.utils.image` and
 :mod:`fastxai.compat.utils.reshape_transforms`; metrics: :mod:`fastxai.compat.metrics`. Not
-provided: ``FEM``, ``SegEigenCAM``, ``RefineCAM``, ``SESS`` and deep feature factorisation.
+provided: ``RefineCAM``, ``SESS`` and deep feature factorisation.
 ``AblationCAM`` takes ``ratio_channels_to_ablate`` (pytorch-grad-cam's channel selection),
 ``reshape_transform`` (token outputs: each channel is zeroed at every token) and the ablation
 layers of :mod:`fastxai.compat.ablation_layer` or pytorch-grad-cam, read by class name
@@ -56,6 +56,7 @@ Differences, all deliberate:
 
 from fastxai.compat._base import BaseCAM
 from fastxai.compat.cams import (
+    FEM,
     KPCA_CAM,
     AblationCAM,
     EigenCAM,
@@ -67,6 +68,7 @@ from fastxai.compat.cams import (
     LayerCAM,
     RandomCAM,
     ScoreCAM,
+    SegEigenCAM,
     ShapleyCAM,
     XGradCAM,
 )
@@ -75,6 +77,7 @@ from fastxai.compat.fullgrad import FullGrad
 from fastxai.compat.guided_backprop import GuidedBackpropReLUModel
 
 __all__ = [
+    "FEM",
     "KPCA_CAM",
     "AblationCAM",
     "BaseCAM",
@@ -90,6 +93,7 @@ __all__ = [
     "LayerCAM",
     "RandomCAM",
     "ScoreCAM",
+    "SegEigenCAM",
     "ShapleyCAM",
     "XGradCAM",
 ]

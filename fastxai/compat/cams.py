@@ -66,8 +66,8 @@ class ShapleyCAM(BaseCAM):
 
 
 class _ProjectionCAM(BaseCAM):
-    """The map already is a projection: ``eigen_smooth`` changes nothing (as in
-    pytorch-grad-cam, whose ``get_cam_image`` ignores it)."""
+    """``eigen_smooth`` changes nothing (as in pytorch-grad-cam, whose ``get_cam_image`` of
+    these classes ignores it; the map mostly already is a projection)."""
 
     def _explain(self, x: Tensor, targets: Any, eigen_smooth: bool) -> Explanation:
         return super()._explain(x, targets, eigen_smooth=False)
@@ -103,6 +103,33 @@ class EigenGradCAM(_ProjectionCAM):
     def _explain(self, x: Tensor, targets: Any, eigen_smooth: bool) -> Explanation:
         self._warn_of_svd_sign()
         return super()._explain(x, targets, eigen_smooth)
+
+
+class SegEigenCAM(_ProjectionCAM):
+    """Its sign is fixed as pytorch-grad-cam fixes it (largest-magnitude value positive)."""
+
+    method = methods.segeigencam
+
+
+class FEM(_ProjectionCAM):
+    """``k``: the threshold's number of standard deviations above each channel's mean."""
+
+    method = methods.fem
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layers: Sequence[nn.Module],
+        reshape_transform: ReshapeTransform | None = None,
+        k: float = 2,
+    ) -> None:
+        super().__init__(model, target_layers, reshape_transform, uses_gradients=False)
+        if isinstance(k, bool) or not isinstance(k, (int, float)):
+            raise ValueError(f"k must be a number of standard deviations, got {k!r}")
+        self.k = k
+
+    def _method_options(self) -> dict[str, Any]:
+        return {"k": self.k}
 
 
 class KPCA_CAM(_ProjectionCAM):
