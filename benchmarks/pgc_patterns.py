@@ -235,6 +235,25 @@ def detection_with(method: str) -> Callable[[str], list[np.ndarray]]:
     return run
 
 
+def detection_ablation(prefix: str) -> list[np.ndarray]:
+    """The Faster R-CNN tutorial's Ablation-CAM (``AblationLayerFasterRCNN``); 2 % of the
+    pyramid's channels (the most and the least object-covering) keep the run short."""
+    cams = lib(prefix)
+    targets_mod = lib(prefix, "utils.model_targets")
+    transforms = lib(prefix, "utils.reshape_transforms")
+    ablation = lib(prefix, "ablation_layer")
+    net, input_tensor, labels, boxes = detector()
+    targets = [targets_mod.FasterRCNNBoxScoreTarget(labels=labels, bounding_boxes=boxes)]
+    with cams.AblationCAM(
+        net,
+        [net.backbone],
+        reshape_transform=transforms.fasterrcnn_reshape_transform,
+        ablation_layer=ablation.AblationLayerFasterRCNN(),
+        ratio_channels_to_ablate=0.02,
+    ) as cam:
+        return [cam(input_tensor, targets=targets)[0, :]]
+
+
 # ------------------------------------------------------------------------------------------
 # Tutorial: metrics (CAM-multiplied confidence, ROAD)
 # ------------------------------------------------------------------------------------------
@@ -264,6 +283,7 @@ PATTERNS = [
     Pattern("segmentation", "tutorial", segmentation),
     Pattern("detection-eigencam", "tutorial", detection_with("EigenCAM")),
     Pattern("detection-gradcam", "tutorial", detection_with("GradCAM")),
+    Pattern("detection-ablationcam", "tutorial", detection_ablation),
     Pattern("metrics", "tutorial", metrics),
 ]
 

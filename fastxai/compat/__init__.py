@@ -16,7 +16,8 @@ provided: ``RefineCAM``, ``SESS`` and deep feature factorisation.
 ``AblationCAM`` takes ``ratio_channels_to_ablate`` (pytorch-grad-cam's channel selection),
 ``reshape_transform`` (token outputs: each channel is zeroed at every token) and the ablation
 layers of :mod:`fastxai.compat.ablation_layer` or pytorch-grad-cam, read by class name
-(``AblationLayerFasterRCNN`` is refused: detector outputs are not supported yet).
+(``AblationLayerFasterRCNN``: a detector's feature pyramid, as in pytorch-grad-cam's Faster
+R-CNN tutorial).
 
 Differences, all deliberate:
 
@@ -30,9 +31,10 @@ Differences, all deliberate:
   ReLU overwrote (e.g. vgg16 ``features[28]``, resnet ``layer1[0].bn1``): there the two differ;
 - Ablation-CAM sets the ablated channel to 0 (the paper), also where the layer can be negative
   (pytorch-grad-cam uses min - 1e7 there, e.g. at a ViT's LayerNorm), and re-runs only the
-  network after the layer; ``ratio_channels_to_ablate`` above 0.5 ablates every channel
-  (pytorch-grad-cam 1.5.7 ablates the overlap of its two halves twice and then weighs no channel
-  after the first one ablated twice);
+  network after the layer (with ``AblationLayerFasterRCNN`` it sets the channel to -1000 and
+  re-runs the whole detector, as pytorch-grad-cam does); ``ratio_channels_to_ablate`` above
+  0.5 ablates every channel (pytorch-grad-cam 1.5.7 ablates the overlap of its two halves twice
+  and then weighs no channel after the first one ablated twice);
 - Eigen-CAM, Eigen-Grad-CAM and ``eigen_smooth`` fix the arbitrary SVD sign (largest-magnitude
   value positive; KPCA-CAM's scikit-learn reference fixes it the same way); the keyword
   ``svd_sign="numpy"`` of every class takes pytorch-grad-cam's sign instead (that of NumPy's
