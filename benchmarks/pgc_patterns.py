@@ -255,6 +255,20 @@ def detection_ablation(prefix: str) -> list[np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------
+# Tutorial: deep feature factorization (concepts, their maps and the classifier on them)
+# ------------------------------------------------------------------------------------------
+def deep_feature_factorization(prefix: str) -> list[np.ndarray]:
+    factorization = lib(prefix, "feature_factorization.deep_feature_factorization")
+    net = model("resnet50")
+    _, input_tensor = image(size=160)
+    dff = factorization.DeepFeatureFactorization(
+        model=net, target_layer=net.layer4, computation_on_concepts=net.fc
+    )
+    concepts, batch_explanations, concept_outputs = dff(input_tensor, 4)
+    return [concepts, batch_explanations[0], concept_outputs]
+
+
+# ------------------------------------------------------------------------------------------
 # Tutorial: metrics (CAM-multiplied confidence, ROAD)
 # ------------------------------------------------------------------------------------------
 def metrics(prefix: str) -> list[np.ndarray]:
@@ -284,6 +298,7 @@ PATTERNS = [
     Pattern("detection-eigencam", "tutorial", detection_with("EigenCAM")),
     Pattern("detection-gradcam", "tutorial", detection_with("GradCAM")),
     Pattern("detection-ablationcam", "tutorial", detection_ablation),
+    Pattern("deep-feature-factorization", "tutorial", deep_feature_factorization),
     Pattern("metrics", "tutorial", metrics),
 ]
 

@@ -11,8 +11,10 @@ Classes: ``GradCAM``, ``GradCAMPlusPlus``, ``XGradCAM``, ``LayerCAM``, ``HiResCA
 ``uses_gradients``, ``tta_transforms`` and ``detach``, and whose subclasses may override
 ``get_cam_weights`` or ``get_cam_image``, as in pytorch-grad-cam). Helpers:
 :mod:`fastxai.compat.utils.model_targets`, :mod:`fastxai.compat.utils.image` and
-:mod:`fastxai.compat.utils.reshape_transforms`; metrics: :mod:`fastxai.compat.metrics`. Not
-provided: ``RefineCAM``, ``SESS`` and deep feature factorisation.
+:mod:`fastxai.compat.utils.reshape_transforms`; metrics: :mod:`fastxai.compat.metrics`; deep
+feature factorisation: :mod:`fastxai.compat.feature_factorization` (``DeepFeatureFactorization``
+and ``dff``, scikit-learn's NMF computed in float64 without scikit-learn). Not provided:
+``RefineCAM``, ``SESS``, ``run_dff_on_image`` and ``show_factorization_on_image``.
 ``AblationCAM`` takes ``ratio_channels_to_ablate`` (pytorch-grad-cam's channel selection),
 ``reshape_transform`` (token outputs: each channel is zeroed at every token) and the ablation
 layers of :mod:`fastxai.compat.ablation_layer` or pytorch-grad-cam, read by class name
