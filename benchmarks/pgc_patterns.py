@@ -106,6 +106,8 @@ CAM_PY_METHODS = [
     "ShapleyCAM",
     "FinerCAM",
 ]
+# pytorch-grad-cam 1.5.7's classes that its cam.py table does not list, run the same way
+MORE_METHODS = ["FEM", "SegEigenCAM"]
 
 
 def cam_py(method: str, aug_smooth: bool = False, eigen_smooth: bool = False):
@@ -233,6 +235,39 @@ def detection_with(method: str) -> Callable[[str], list[np.ndarray]]:
     return run
 
 
+def detection_ablation(prefix: str) -> list[np.ndarray]:
+    """The Faster R-CNN tutorial's Ablation-CAM (``AblationLayerFasterRCNN``); 2 % of the
+    pyramid's channels (the most and the least object-covering) keep the run short."""
+    cams = lib(prefix)
+    targets_mod = lib(prefix, "utils.model_targets")
+    transforms = lib(prefix, "utils.reshape_transforms")
+    ablation = lib(prefix, "ablation_layer")
+    net, input_tensor, labels, boxes = detector()
+    targets = [targets_mod.FasterRCNNBoxScoreTarget(labels=labels, bounding_boxes=boxes)]
+    with cams.AblationCAM(
+        net,
+        [net.backbone],
+        reshape_transform=transforms.fasterrcnn_reshape_transform,
+        ablation_layer=ablation.AblationLayerFasterRCNN(),
+        ratio_channels_to_ablate=0.02,
+    ) as cam:
+        return [cam(input_tensor, targets=targets)[0, :]]
+
+
+# ------------------------------------------------------------------------------------------
+# Tutorial: deep feature factorization (concepts, their maps and the classifier on them)
+# ------------------------------------------------------------------------------------------
+def deep_feature_factorization(prefix: str) -> list[np.ndarray]:
+    factorization = lib(prefix, "feature_factorization.deep_feature_factorization")
+    net = model("resnet50")
+    _, input_tensor = image(size=160)
+    dff = factorization.DeepFeatureFactorization(
+        model=net, target_layer=net.layer4, computation_on_concepts=net.fc
+    )
+    concepts, batch_explanations, concept_outputs = dff(input_tensor, 4)
+    return [concepts, batch_explanations[0], concept_outputs]
+
+
 # ------------------------------------------------------------------------------------------
 # Tutorial: metrics (CAM-multiplied confidence, ROAD)
 # ------------------------------------------------------------------------------------------
@@ -254,6 +289,7 @@ def metrics(prefix: str) -> list[np.ndarray]:
 PATTERNS = [
     Pattern("readme-gradcam", "README", readme),
     *[Pattern(f"cam.py-{m}", "cam.py", cam_py(m)) for m in CAM_PY_METHODS],
+    *[Pattern(f"class-{m}", "cam.py usage", cam_py(m)) for m in MORE_METHODS],
     Pattern("cam.py-aug+eigen-smooth", "cam.py", cam_py("GradCAM", True, True)),
     Pattern("cam.py-guided-backprop", "cam.py", guided_backprop),
     Pattern("vit", "vit_example.py", vit),
@@ -261,6 +297,8 @@ PATTERNS = [
     Pattern("segmentation", "tutorial", segmentation),
     Pattern("detection-eigencam", "tutorial", detection_with("EigenCAM")),
     Pattern("detection-gradcam", "tutorial", detection_with("GradCAM")),
+    Pattern("detection-ablationcam", "tutorial", detection_ablation),
+    Pattern("deep-feature-factorization", "tutorial", deep_feature_factorization),
     Pattern("metrics", "tutorial", metrics),
 ]
 

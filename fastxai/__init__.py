@@ -2,9 +2,9 @@
 
 Functional API: ``fastxai.gradcam(model, x, layer, targets=None, *, tft=False)`` and the same for
 ``cam``, ``gradcampp``, ``xgradcam``, ``layercam``, ``hirescam``, ``gradcamelementwise``,
-``shapleycam``, ``eigencam``, ``eigengradcam``, ``kpcacam``, ``randomcam``, ``ablationcam`` and
-``scorecam``; each returns an :class:`Explanation` of tensors on ``x``'s device.
-pytorch-grad-cam compatible classes live in :mod:`fastxai.compat`.
+``shapleycam``, ``eigencam``, ``eigengradcam``, ``segeigencam``, ``kpcacam``, ``fem``,
+``randomcam``, ``ablationcam`` and ``scorecam``; each returns an :class:`Explanation` of tensors
+on ``x``'s device. pytorch-grad-cam compatible classes live in :mod:`fastxai.compat`.
 
 Sharing Ratio Decomposition: ``fastxai.srd(model, x, targets=None, rule="contrastive")``,
 ``srd_erf``, ``apop`` and ``apop_agreement`` (torchvision ResNets and VGGs). Activation
@@ -26,6 +26,7 @@ from fastxai.methods import (
     cam,
     eigencam,
     eigengradcam,
+    fem,
     gradcam,
     gradcamelementwise,
     gradcampp,
@@ -34,6 +35,7 @@ from fastxai.methods import (
     layercam,
     randomcam,
     scorecam,
+    segeigencam,
     shapleycam,
     xgradcam,
 )
@@ -53,6 +55,7 @@ __all__ = [
     "eigengradcam",
     "explain_dataset",
     "explain_stream",
+    "fem",
     "gradcam",
     "gradcamelementwise",
     "gradcampp",
@@ -65,6 +68,7 @@ __all__ = [
     "nn",
     "randomcam",
     "scorecam",
+    "segeigencam",
     "shapleycam",
     "srd",
     "srd_erf",

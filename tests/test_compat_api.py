@@ -34,7 +34,7 @@ LAYERS = [
     ("efficientnet_b0", "features.5"),
     ("efficientnet_b0", "features.6"),
 ]
-DETERMINISTIC = ["GradCAMElementWise", "KPCA_CAM", "ShapleyCAM", "FinerCAM"]
+DETERMINISTIC = ["GradCAMElementWise", "KPCA_CAM", "ShapleyCAM", "FinerCAM", "SegEigenCAM"]
 
 
 def quiet(function, *args, **kwargs):
@@ -120,6 +120,59 @@ def test_multi_layer_and_eigen_smooth_match(tv_model, images):
         error = min(np.abs(got[n] - truth[n]).max(), np.abs(flipped[n] - truth[n]).max())
         assert error <= TOLERANCE, f"image {n}: {error:.2e}"
         assert truth[n].max() - truth[n].min() > 0.5
+
+
+@pytest.mark.parametrize(
+    ("model_name", "layer_name", "k"),
+    [("resnet18", "layer3", 0), ("resnet18", "layer3", 1.5), ("efficientnet_b0", "features.5", 2)],
+)
+def test_fem_matches(tv_model, images, model_name, layer_name, k):
+    """FEM and its ``k`` (standard deviations above the channel mean; with 2 x 2 maps no value
+    can exceed 2, so FEM needs a layer with more positions), and the functional method."""
+    model = tv_model(model_name)
+    x = images(2, 64)
+    layer = model.get_submodule(layer_name)
+    model64 = copy.deepcopy(model).double()
+    layer64 = model64.get_submodule(layer_name)
+    got = compat.FEM(model, [layer], k=k)(x)
+    expected = quiet(lambda: pgc.FEM(model, [layer], k=k)(x, None))
+    truth = quiet(lambda: pgc.FEM(model64, [layer64], k=k)(x.double(), None))
+    assert_matches_reference(got, expected, truth, f"{model_name}.{layer_name} k={k}")
+    other = compat.FEM(model, [layer], k=1 if k == 2 else 2)(x)
+    assert np.abs(got - other).max() > 0.05  # k matters
+    assert np.array_equal(got, fastxai.fem(model, x, layer_name, k=k).maps.numpy())
+    # eigen_smooth changes nothing, as in pytorch-grad-cam
+    assert np.array_equal(got, compat.FEM(model, [layer], k=k)(x, eigen_smooth=True))
+
+
+def test_seg_eigen_cam_of_a_segmentation_model(tv_model, images):
+    """Seg-Eigen-CAM's use: a segmentation model's (N, K, H, W) scores, read by
+    SemanticSegmentationTarget, through the functional method and the class."""
+    from torchvision.models.segmentation import fcn_resnet50
+
+    torch.manual_seed(0)
+    model = fcn_resnet50(weights=None, weights_backbone=None, num_classes=3, aux_loss=False)
+    model = model.eval()
+
+    class Out(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x)["out"]
+
+    wrapped = Out(model)
+    x = images(1, 64)
+    mask = (wrapped(x)[0].argmax(0) == 1).float().numpy()
+    targets = [pgc.utils.model_targets.SemanticSegmentationTarget(1, mask)]
+    layer = model.backbone.layer3
+    expected = quiet(lambda: pgc.SegEigenCAM(wrapped, [layer])(x, targets))
+    got = compat.SegEigenCAM(wrapped, [layer])(x, targets)
+    assert np.abs(got - expected).max() <= TOLERANCE
+    assert expected.max() - expected.min() > 0.5
+    functional = fastxai.segeigencam(wrapped, x, "net.backbone.layer3", targets).maps.numpy()
+    assert np.array_equal(got, functional)
 
 
 @pytest.mark.parametrize("kernel", ["rbf", "poly", "linear", "cosine"])
@@ -277,6 +330,8 @@ def test_subclass_hook_sees_tensors_without_detach(tv_model, images):
         "ShapleyCAM",
         "ScoreCAM",
         "AblationCAM",
+        "FEM",
+        "SegEigenCAM",
     ],
 )
 def test_constructor_attributes_match(tv_model, name):

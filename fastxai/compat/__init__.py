@@ -5,18 +5,21 @@
 eigen_smooth)``) and returns the same float32 numpy array ``(N, H, W)`` in [0, 1].
 
 Classes: ``GradCAM``, ``GradCAMPlusPlus``, ``XGradCAM``, ``LayerCAM``, ``HiResCAM``,
-``GradCAMElementWise``, ``ShapleyCAM``, ``EigenCAM``, ``EigenGradCAM``, ``KPCA_CAM``,
-``RandomCAM``, ``ScoreCAM``, ``AblationCAM``, ``FinerCAM``, ``FullGrad``,
+``GradCAMElementWise``, ``ShapleyCAM``, ``EigenCAM``, ``EigenGradCAM``, ``SegEigenCAM``,
+``KPCA_CAM``, ``FEM``, ``RandomCAM``, ``ScoreCAM``, ``AblationCAM``, ``FinerCAM``, ``FullGrad``,
 ``GuidedBackpropReLUModel`` and ``BaseCAM`` (whose constructor takes ``compute_input_gradient``,
 ``uses_gradients``, ``tta_transforms`` and ``detach``, and whose subclasses may override
 ``get_cam_weights`` or ``get_cam_image``, as in pytorch-grad-cam). Helpers:
 :mod:`fastxai.compat.utils.model_targets`, :mod:`fastxai.compat.utils.image` and
-:mod:`fastxai.compat.utils.reshape_transforms`; metrics: :mod:`fastxai.compat.metrics`. Not
-provided: ``FEM``, ``SegEigenCAM``, ``RefineCAM``, ``SESS`` and deep feature factorisation.
+:mod:`fastxai.compat.utils.reshape_transforms`; metrics: :mod:`fastxai.compat.metrics`; deep
+feature factorisation: :mod:`fastxai.compat.feature_factorization` (``DeepFeatureFactorization``
+and ``dff``, scikit-learn's NMF computed in float64 without scikit-learn). Not provided:
+``RefineCAM``, ``SESS``, ``run_dff_on_image`` and ``show_factorization_on_image``.
 ``AblationCAM`` takes ``ratio_channels_to_ablate`` (pytorch-grad-cam's channel selection),
 ``reshape_transform`` (token outputs: each channel is zeroed at every token) and the ablation
 layers of :mod:`fastxai.compat.ablation_layer` or pytorch-grad-cam, read by class name
-(``AblationLayerFasterRCNN`` is refused: detector outputs are not supported yet).
+(``AblationLayerFasterRCNN``: a detector's feature pyramid, as in pytorch-grad-cam's Faster
+R-CNN tutorial).
 
 Differences, all deliberate:
 
@@ -30,11 +33,14 @@ Differences, all deliberate:
   ReLU overwrote (e.g. vgg16 ``features[28]``, resnet ``layer1[0].bn1``): there the two differ;
 - Ablation-CAM sets the ablated channel to 0 (the paper), also where the layer can be negative
   (pytorch-grad-cam uses min - 1e7 there, e.g. at a ViT's LayerNorm), and re-runs only the
-  network after the layer; ``ratio_channels_to_ablate`` above 0.5 ablates every channel
-  (pytorch-grad-cam 1.5.7 ablates the overlap of its two halves twice and then weighs no channel
-  after the first one ablated twice);
+  network after the layer (with ``AblationLayerFasterRCNN`` it sets the channel to -1000 and
+  re-runs the whole detector, as pytorch-grad-cam does); ``ratio_channels_to_ablate`` above
+  0.5 ablates every channel (pytorch-grad-cam 1.5.7 ablates the overlap of its two halves twice
+  and then weighs no channel after the first one ablated twice);
 - Eigen-CAM, Eigen-Grad-CAM and ``eigen_smooth`` fix the arbitrary SVD sign (largest-magnitude
-  value positive; KPCA-CAM's scikit-learn reference fixes it the same way);
+  value positive; KPCA-CAM's scikit-learn reference fixes it the same way); the keyword
+  ``svd_sign="numpy"`` of every class takes pytorch-grad-cam's sign instead (that of NumPy's
+  float32 SVD), which gives its maps;
 - KPCA-CAM computes the kernel PCA in float64 with torch (no scikit-learn), so it is closer to
   the exact result than pytorch-grad-cam's float32 one; kernels: sigmoid, rbf, poly, linear,
   cosine;
@@ -54,6 +60,7 @@ Differences, all deliberate:
 
 from fastxai.compat._base import BaseCAM
 from fastxai.compat.cams import (
+    FEM,
     KPCA_CAM,
     AblationCAM,
     EigenCAM,
@@ -65,6 +72,7 @@ from fastxai.compat.cams import (
     LayerCAM,
     RandomCAM,
     ScoreCAM,
+    SegEigenCAM,
     ShapleyCAM,
     XGradCAM,
 )
@@ -73,6 +81,7 @@ from fastxai.compat.fullgrad import FullGrad
 from fastxai.compat.guided_backprop import GuidedBackpropReLUModel
 
 __all__ = [
+    "FEM",
     "KPCA_CAM",
     "AblationCAM",
     "BaseCAM",
@@ -88,6 +97,7 @@ __all__ = [
     "LayerCAM",
     "RandomCAM",
     "ScoreCAM",
+    "SegEigenCAM",
     "ShapleyCAM",
     "XGradCAM",
 ]

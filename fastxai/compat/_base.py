@@ -16,7 +16,7 @@ from fastxai.compat._differences import ONE_TARGET_FOR_A_BATCH, SVD_SIGN, warn_o
 from fastxai.compat.utils.model_targets import ClassifierOutputTarget
 from fastxai.explanation import Explanation
 from fastxai.methods._base import explain_layers
-from fastxai.methods._projection import first_component_projection
+from fastxai.methods._projection import SvdSign, check_svd_sign, first_component_projection
 
 # ttach's default in pytorch-grad-cam: horizontal flip x multiply by {0.9, 1, 1.1}
 _AUGMENTATIONS = [(flip, factor) for flip in (False, True) for factor in (0.9, 1.0, 1.1)]
@@ -29,6 +29,11 @@ class BaseCAM:
     ``get_cam_weights`` (channel weights ``(N, C)`` from the layer's activations and gradients)
     or ``get_cam_image`` (the raw map ``(N, h, w)``) gets maps built from what it returns, as in
     pytorch-grad-cam; both receive NumPy arrays (tensors with ``detach=False``).
+
+    ``svd_sign`` (keyword only, not in pytorch-grad-cam) fixes the arbitrary sign of the
+    principal component of ``eigen_smooth`` and the Eigen methods: ``"largest_positive"``
+    (default: the largest-magnitude value of the projection positive) or ``"numpy"``
+    (pytorch-grad-cam's: the sign NumPy's float32 SVD gives, so the maps equal its maps).
     """
 
     method: ClassVar[Callable[..., Explanation] | None] = None
@@ -42,9 +47,13 @@ class BaseCAM:
         uses_gradients: bool = True,
         tta_transforms: Any = None,
         detach: bool = True,
+        *,
+        svd_sign: SvdSign = "largest_positive",
     ) -> None:
         if not isinstance(target_layers, (list, tuple)) or not target_layers:
             raise ValueError("target_layers must be a non-empty list of modules")
+        check_svd_sign(svd_sign)
+        self.svd_sign = svd_sign
         self.model = model
         self.target_layers = list(target_layers)
         self.reshape_transform = reshape_transform
@@ -90,7 +99,7 @@ class BaseCAM:
         a = torch.as_tensor(activations)
         weighted = torch.as_tensor(np.asarray(weights), device=a.device)[:, :, None, None] * a
         if eigen_smooth:
-            return first_component_projection(weighted).cpu().numpy()
+            return first_component_projection(weighted, self.svd_sign).cpu().numpy()
         return weighted.sum(1).cpu().numpy()
 
     def _uses_hooks(self) -> bool:
@@ -132,9 +141,13 @@ class BaseCAM:
 
         return contributions
 
+    def _warn_of_svd_sign(self) -> None:
+        if self.svd_sign == "largest_positive":
+            warn_once(SVD_SIGN)
+
     def _explain(self, x: Tensor, targets: Any, eigen_smooth: bool) -> Explanation:
         if eigen_smooth:
-            warn_once(SVD_SIGN)
+            self._warn_of_svd_sign()
         targets = self._targets(targets, x.shape[0])
         with evaluated(self.model):
             if self._uses_hooks():
@@ -156,6 +169,7 @@ class BaseCAM:
                     targets,
                     reshape_transform=self.reshape_transform,
                     eigen_smooth=eigen_smooth,
+                    svd_sign=self.svd_sign,
                     **self._method_options(),
                 )
         self.outputs = explanation.logits

@@ -11,7 +11,7 @@ from fastxai._checks import warn_user_once
 SVD_SIGN = (
     "fastxai.compat: the principal component's sign is fixed (largest-magnitude value "
     "positive); pytorch-grad-cam keeps the SVD's arbitrary sign, so its map can be the ReLU of "
-    "the opposite projection"
+    "the opposite projection; construct the CAM with svd_sign='numpy' for pytorch-grad-cam's sign"
 )
 ONE_TARGET_FOR_A_BATCH = (
     "fastxai.compat: one target for a batch of several images explains every image for it; "

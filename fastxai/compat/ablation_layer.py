@@ -4,7 +4,8 @@ fastxai swaps no layer: Ablation-CAM zeroes channels of the captured layer outpu
 the network after it. The objects here (or pytorch-grad-cam's, recognised by class name) only
 say where the channels are: :class:`AblationLayer` on axis 1 of ``(N, C, h, w)`` outputs,
 :class:`AblationLayerVit` on the last axis of token outputs ``(N, T, C)`` (each channel zeroed
-at every token). Their ``activations_to_be_ablated`` is pytorch-grad-cam's channel selection for
+at every token), :class:`AblationLayerFasterRCNN` across the levels of a detector's feature
+pyramid. Their ``activations_to_be_ablated`` is pytorch-grad-cam's channel selection for
 ``ratio_channels_to_ablate``.
 """
 
@@ -79,6 +80,7 @@ class AblationLayerVit(AblationLayer):
 
 
 class AblationLayerFasterRCNN(AblationLayer):
-    """Feature-pyramid outputs of a detector; ``AblationCAM`` does not support them yet."""
+    """A detector's feature pyramid (a dict of maps): channel ``k`` of the concatenated levels
+    is set to -1000, as in pytorch-grad-cam (see :mod:`fastxai.compat.pyramid_ablation`)."""
 
     channel_axis = None

@@ -11,6 +11,7 @@ from fastxai.capture import ReshapeTransform
 from fastxai.compat._base import BaseCAM
 from fastxai.compat.cams import GradCAM
 from fastxai.compat.utils.model_targets import FinerWeightedTarget
+from fastxai.methods._projection import SvdSign
 
 DEFAULT_COMPARISON_CATEGORIES = (1, 2, 3)
 
@@ -52,8 +53,10 @@ class FinerCAM:
         target_layers: Sequence[nn.Module],
         reshape_transform: ReshapeTransform | None = None,
         base_method: type[BaseCAM] = GradCAM,
+        *,
+        svd_sign: SvdSign = "largest_positive",
     ) -> None:
-        self.base_cam = base_method(model, target_layers, reshape_transform)
+        self.base_cam = base_method(model, target_layers, reshape_transform, svd_sign=svd_sign)
         self.compute_input_gradient = self.base_cam.compute_input_gradient
         self.uses_gradients = self.base_cam.uses_gradients
 

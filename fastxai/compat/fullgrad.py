@@ -14,7 +14,7 @@ from fastxai._modes import evaluated, keeps_buffers
 from fastxai.capture import ReshapeTransform
 from fastxai.compat._base import BaseCAM
 from fastxai.explanation import Explanation
-from fastxai.methods._projection import first_component_projection
+from fastxai.methods._projection import SvdSign, first_component_projection
 from fastxai.ops.reference import minmax
 from fastxai.targets import resolve_targets
 
@@ -61,13 +61,17 @@ class FullGrad(BaseCAM):
         model: nn.Module,
         target_layers: Sequence[nn.Module] = (),
         reshape_transform: ReshapeTransform | None = None,
+        *,
+        svd_sign: SvdSign = "largest_positive",
     ) -> None:
         if len(target_layers) > 0:
             warn_user("target_layers is ignored in FullGrad: every bias layer is used instead")
         layers = [m for m in model.modules() if has_2d_bias(m)]
         if not layers:
             raise ValueError("model: FullGrad needs Conv2d or BatchNorm2d layers with a bias")
-        super().__init__(model, layers, reshape_transform, compute_input_gradient=True)
+        super().__init__(
+            model, layers, reshape_transform, compute_input_gradient=True, svd_sign=svd_sign
+        )
 
     def _gradients(self, x: Tensor, targets: Any) -> tuple[Tensor, list[Tensor], Any, Tensor]:
         """Input gradient, one gradient per bias-layer call, resolved targets and logits."""
@@ -107,10 +111,12 @@ class FullGrad(BaseCAM):
         input_term = minmax((input_grad.double() * x.double()).abs())
         layer_terms = [_resize(minmax(g.abs()).sum(1, keepdim=True), size) for g in bias_grads]
         if eigen_smooth:
+            self._warn_of_svd_sign()
             # pytorch-grad-cam projects every term at 1/8 of the input size
             terms = torch.cat([input_term, *layer_terms], 1)
             small = _resize(minmax(terms), (size[0] // 8, size[1] // 8))
-            raw = _resize(minmax(first_component_projection(small)[:, None]), size)[:, 0]
+            projection = first_component_projection(small, self.svd_sign)
+            raw = _resize(minmax(projection[:, None]), size)[:, 0]
         else:
             raw = input_term.sum(1) + sum(t[:, 0] for t in layer_terms)
         maps = minmax(raw).to(torch.float64 if x.dtype == torch.float64 else torch.float32)

@@ -4,6 +4,7 @@ from fastxai.methods.ablation_cam import ablationcam
 from fastxai.methods.class_activation import cam
 from fastxai.methods.eigen_cam import eigencam
 from fastxai.methods.eigen_grad_cam import eigengradcam
+from fastxai.methods.fem import fem
 from fastxai.methods.grad_cam import gradcam
 from fastxai.methods.grad_cam_elementwise import gradcamelementwise
 from fastxai.methods.grad_cam_pp import gradcampp
@@ -12,6 +13,7 @@ from fastxai.methods.kpca_cam import kpcacam
 from fastxai.methods.layer_cam import layercam
 from fastxai.methods.random_cam import randomcam
 from fastxai.methods.score_cam import scorecam
+from fastxai.methods.seg_eigen_cam import segeigencam
 from fastxai.methods.shapley_cam import shapleycam
 from fastxai.methods.xgrad_cam import xgradcam
 
@@ -26,7 +28,9 @@ METHODS = {
     "shapleycam": shapleycam,
     "eigencam": eigencam,
     "eigengradcam": eigengradcam,
+    "segeigencam": segeigencam,
     "kpcacam": kpcacam,
+    "fem": fem,
     "randomcam": randomcam,
     "ablationcam": ablationcam,
     "scorecam": scorecam,
@@ -38,6 +42,7 @@ __all__ = [
     "cam",
     "eigencam",
     "eigengradcam",
+    "fem",
     "gradcam",
     "gradcamelementwise",
     "gradcampp",
@@ -46,6 +51,7 @@ __all__ = [
     "layercam",
     "randomcam",
     "scorecam",
+    "segeigencam",
     "shapleycam",
     "xgradcam",
 ]

@@ -22,7 +22,7 @@ from fastxai._checks import check_images, check_model, warn_user
 from fastxai._modes import buffers_kept, buffers_restored_on_error
 from fastxai.capture import LayerCapture, ReshapeTransform, capture_layers, resolve_layer
 from fastxai.explanation import Explanation
-from fastxai.methods._projection import first_component_projection
+from fastxai.methods._projection import SvdSign, check_svd_sign, first_component_projection
 
 Layer = str | nn.Module
 Fusion = Literal["mean", "tanh"]
@@ -94,6 +94,7 @@ def explain_layers(
     reshape_transform: ReshapeTransform | None = None,
     fusion: Fusion = "mean",
     eigen_smooth: bool = False,
+    svd_sign: SvdSign = "largest_positive",
     tft: bool = False,
     tft_options: dict[str, Any] | None = None,
     raw_map: RawMapFn | None = None,
@@ -115,6 +116,7 @@ def explain_layers(
     check_images(model, x)
     if fusion not in ("mean", "tanh"):
         raise ValueError(f"fusion must be 'mean' or 'tanh', got {fusion!r}")
+    check_svd_sign(svd_sign)
     if create_graph and (tft or eigen_smooth):
         option = "tft" if tft else "eigen_smooth"
         raise ValueError(
@@ -155,6 +157,7 @@ def explain_layers(
             method=method,
             fusion=fusion,
             eigen_smooth=eigen_smooth,
+            svd_sign=svd_sign,
             tft=tft,
             tft_options=tft_options,
             raw_map=raw_map,
@@ -171,6 +174,7 @@ def _explanation_from_captures(
     method: str,
     fusion: Fusion,
     eigen_smooth: bool,
+    svd_sign: SvdSign,
     tft: bool,
     tft_options: dict[str, Any] | None,
     raw_map: RawMapFn | None,
@@ -184,7 +188,7 @@ def _explanation_from_captures(
         else:
             contrib, channel_weights = contributions(cap, model, x)
             contrib = contrib.to(map_dtype(contrib))
-            raw = first_component_projection(contrib) if eigen_smooth else contrib.sum(1)
+            raw = first_component_projection(contrib, svd_sign) if eigen_smooth else contrib.sum(1)
         raws.append(raw)
         weights.append(channel_weights)
     if not torch.compiler.is_compiling():
@@ -236,6 +240,10 @@ _SHARED_ARGS = """
         reshape_transform: turns the layer output into ``(N, C, h, w)`` (e.g. ViT tokens).
         fusion: how several layers combine: ``"mean"`` (pytorch-grad-cam) or ``"tanh"``.
         eigen_smooth: replace the channel sum by the first principal component.
+        svd_sign: how a principal component's arbitrary sign is fixed (``eigen_smooth`` and the
+            Eigen methods): ``"largest_positive"`` (the largest-magnitude value of the
+            projection positive) or ``"numpy"`` (the sign of ``numpy.linalg.svd`` in float32,
+            which gives pytorch-grad-cam's maps).
         tft_options: keyword arguments for :func:`fastxai.tft` when ``tft=True``.
         logits_graph: with grad enabled, the call is the model's forward for a loss: the
             logits keep their autograd graph to the parameters, and in training mode
@@ -280,6 +288,7 @@ def make_cam_method(
     raw_map: RawMapFn | None = None,
     differentiable: bool = True,
     reads_reshape_transform: bool = False,
+    reads_svd_sign: bool = False,
     reruns_suffix: bool = False,
 ) -> Callable[..., Explanation]:
     """Build the public function of a CAM method from its ``contributions`` rule.
@@ -287,7 +296,8 @@ def make_cam_method(
     Options beyond the shared signature are passed to ``contributions`` (and ``raw_map``, the
     fused channel sum, when the method has one) as keyword arguments; with
     ``reads_reshape_transform`` so is ``reshape_transform`` (for a method that maps its own
-    derivatives of the raw layer output onto the reshaped grid). ``differentiable``: the
+    derivatives of the raw layer output onto the reshaped grid), and with ``reads_svd_sign``
+    ``svd_sign`` (for a method whose map is a principal component). ``differentiable``: the
     contributions are differentiable in the captured activation and gradient
     (``create_graph=True`` is supported). ``reruns_suffix``: the rule runs the network after the
     layer (``cap.split``), see :func:`explain_layers`.
@@ -305,6 +315,7 @@ def make_cam_method(
         reshape_transform: ReshapeTransform | None = None,
         fusion: Fusion = "mean",
         eigen_smooth: bool = False,
+        svd_sign: SvdSign = "largest_positive",
         tft_options: dict[str, Any] | None = None,
         logits_graph: bool = False,
         create_graph: bool = False,
@@ -314,6 +325,8 @@ def make_cam_method(
         options = dict(method_options)
         if reads_reshape_transform:
             options["reshape_transform"] = reshape_transform
+        if reads_svd_sign:
+            options["svd_sign"] = svd_sign
 
         def bound(cap: LayerCapture, m: nn.Module, images: Tensor) -> tuple[Tensor, Tensor | None]:
             return contributions(cap, m, images, **options)
@@ -329,6 +342,7 @@ def make_cam_method(
             reshape_transform=reshape_transform,
             fusion=fusion,
             eigen_smooth=eigen_smooth,
+            svd_sign=svd_sign,
             tft=tft,
             tft_options=tft_options,
             raw_map=None if raw_map is None else functools.partial(raw_map, **method_options),

@@ -6,12 +6,17 @@ from torch import Tensor, nn
 
 from fastxai.capture import LayerCapture
 from fastxai.methods._base import make_cam_method
-from fastxai.methods._projection import first_component_projection
+from fastxai.methods._projection import SvdSign, first_component_projection
 
 
-def eigencam_contributions(cap: LayerCapture, model: nn.Module, x: Tensor) -> tuple[Tensor, None]:
+def eigencam_contributions(
+    cap: LayerCapture,
+    model: nn.Module,
+    x: Tensor,
+    svd_sign: SvdSign = "largest_positive",
+) -> tuple[Tensor, None]:
     """The first principal component's projection, as a single pseudo-channel."""
-    return first_component_projection(cap.activation)[:, None], None
+    return first_component_projection(cap.activation, svd_sign)[:, None], None
 
 
 eigencam = make_cam_method(
@@ -19,8 +24,9 @@ eigencam = make_cam_method(
     eigencam_contributions,
     with_gradient=False,
     differentiable=False,
+    reads_svd_sign=True,
     summary=r"""Eigen-CAM: the projection of the layer's activations on their first principal
     component (class-agnostic: ``targets`` only choose what ``Explanation.targets`` reports), then
     ReLU, min-max, bilinear upsampling, min-max. The sign is fixed so that the largest-magnitude
-    value is positive.""",
+    value is positive (``svd_sign="numpy"``: pytorch-grad-cam's sign).""",
 )
