@@ -135,8 +135,8 @@ def _select_rows(repeats: int) -> list[dict[str, Any]]:
     logits = torch.randn(N * T, CLASSES, generator=g) * 3
     classes = torch.randint(0, CLASSES, (N,), generator=g)
     original = torch.rand(N, generator=g) * 0.01
-    rpi, index = ops.rpi_select(logits, classes, original)
-    expected_rpi, expected_index = reference.rpi_select(logits, classes, original)
+    rpi, index, _ = ops.rpi_select(logits, classes, original)
+    expected_rpi, expected_index, _ = reference.rpi_select(logits, classes, original)
     scale = 1 + expected_rpi.abs()
     note = (
         f"max |rpi diff| / (1 + rpi): {((rpi - expected_rpi).abs() / scale).max().item():.1e}, "
