@@ -8,8 +8,9 @@ A document marks each generated table with two HTML comments (invisible once ren
 
 ``cam_methods/main`` is table ``main`` of ``benchmarks/results/cam_methods.json``; an optional
 ``columns=key,key`` after the name keeps those columns only, and ``rows=key:value`` (or
-``rows=key:value,value``) only the rows whose ``key`` equals one of the values. Run ``python benchmarks/tables.py`` after a benchmark run to
-update every document, or ``--check`` to fail when a document is out of date (the tests do).
+``rows=key:value,value``) only the rows whose ``key`` equals one of the values. Run
+``python benchmarks/tables.py`` after a benchmark run to update every document, or ``--check``
+to fail when a document is out of date (the tests do).
 """
 
 from __future__ import annotations
