@@ -25,6 +25,10 @@ to its 880, on ``--model`` (resnet18 with random weights, or EfficientNet-Lite0 
 weights on the demo photos):
 
     .venv/bin/python benchmarks/am.py --recipes --model efficientnet-lite0 --steps 40 --rounds 2
+
+Progress goes to stderr, the tables to stdout and their rows to ``benchmarks/results/am.json``
+(``--recipes``: ``am-recipes.json``; ``--results`` for another file), rendered by
+``benchmarks/tables.py``.
 """
 
 from __future__ import annotations
@@ -32,12 +36,17 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _results import RESULTS_DIR, Results, add_results_option
 
 from fastxai.matching import LossWeights, activation_matching
 from fastxai.matching.features import default_layers, feature_extractor
@@ -50,6 +59,50 @@ from fastxai.matching.losses import TERMS, activation_loss, ce_loss, kl_loss
 from fastxai.matching.paper import DEFAULT_LR, DEFAULT_STEPS
 from fastxai.matching.trainer import sample_backgrounds
 from fastxai.ops import reference
+
+ROUND_COLUMNS = [
+    ("round", "round"),
+    ("contender", "contender"),
+    ("seconds", "s/step/image", "{:.4f}"),
+    ("cpu_per_wall", "cpu/wall", "{:.2f}"),
+    ("load", "load", "{:.2f}"),
+]
+SUMMARY_COLUMNS = [
+    ("batch", "batch"),
+    ("generator", "generator"),
+    ("steps", "steps"),
+    ("fastxai", "fastxai s/step/image", "{:.3f}"),
+    ("loop", "loop s/step", "{:.3f}"),
+    ("speedup", "speed-up (medians)", "{:.2f}x"),
+    ("paired", "speed-up (paired)", "{:.2f}x"),
+    ("pairs", "trusted pairs"),
+    ("fastxai_full", f"fastxai s/image at {DEFAULT_STEPS} steps", "{:.0f}"),
+    ("loop_full", f"loop s/image at {DEFAULT_STEPS} steps", "{:.0f}"),
+    ("loss_fastxai", "loss fastxai", "{:.5f}"),
+    ("loss_loop", "loss loop", "{:.5f}"),
+]
+FULL_COLUMNS = [
+    ("fastxai", "fastxai s/image", "{:.0f}"),
+    ("loop", "loop s/image", "{:.0f}"),
+    ("speedup", "speed-up", "{:.2f}x"),
+    ("loss_fastxai", "final loss fastxai", "{:.4f}"),
+    ("loss_loop", "final loss loop", "{:.4f}"),
+    ("apart", "% apart", "{:.2f}"),
+    ("cpu", "cpu/wall fastxai / loop"),
+    ("load", "load", "{:.2f}"),
+]
+RECIPE_COLUMNS = [
+    ("round", "round"),
+    ("recipe", "recipe"),
+    ("seconds", "s/image", "{:.1f}"),
+    ("cpu_per_wall", "cpu/wall", "{:.2f}"),
+    ("load", "load", "{:.2f}"),
+    ("kept", "kept"),
+]
+
+
+def log(*parts: object) -> None:
+    print(*parts, file=sys.stderr, flush=True)
 
 
 def resnet18() -> nn.Module:
@@ -120,7 +173,7 @@ def timed(fn) -> tuple[float, float, object]:
     return time.perf_counter() - wall, time.process_time() - cpu, out
 
 
-def compare_recipes(args: argparse.Namespace) -> None:
+def compare_recipes(args: argparse.Namespace, results: Results) -> None:
     """Seconds per image of the stable recipe (whole call) and the paper recipe (extrapolated)."""
     if args.model == "efficientnet-lite0":
         from fastxai.demo import load_photo
@@ -134,41 +187,37 @@ def compare_recipes(args: argparse.Namespace) -> None:
         model = resnet18()
         x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     model, x = model.to(args.device), x.to(args.device)
-    print(
-        f"torch {torch.__version__}, device {args.device}, threads {args.threads}, "
-        f"{args.model}, batch {args.batch}"
+    results.table(
+        "recipes",
+        RECIPE_COLUMNS,
+        f"{args.model}, batch {args.batch}; paper: {args.steps} steps extrapolated to "
+        f"{DEFAULT_STEPS}",
     )
 
-    def stable() -> float:
+    def stable() -> dict:
         wall, cpu, ex = timed(lambda: activation_matching(model, x, progress=False))
-        kept = [round(float(k), 3) for k in ex.extras["kept_fraction"]]
-        print(
-            f"  stable   {wall / args.batch:7.1f} s/image  cpu/wall {cpu / wall:.2f}  "
-            f"load {os.getloadavg()[0]:.2f}  kept {kept}",
-            flush=True,
-        )
-        return wall / args.batch
+        kept = " ".join(f"{float(k):.3f}" for k in ex.extras["kept_fraction"])
+        return {"seconds": wall / args.batch, "cpu_per_wall": cpu / wall, "kept": kept}
 
-    def paper() -> float:
+    def paper() -> dict:
         wall, cpu, _ = timed(
             lambda: activation_matching(model, x, steps=args.steps, progress=False, recipe="paper")
         )
         per_image = wall / args.steps / args.batch * DEFAULT_STEPS
-        print(
-            f"  paper    {per_image:7.1f} s/image ({args.steps} steps extrapolated to "
-            f"{DEFAULT_STEPS})  cpu/wall {cpu / wall:.2f}  load {os.getloadavg()[0]:.2f}",
-            flush=True,
-        )
-        return per_image
+        return {"seconds": per_image, "cpu_per_wall": cpu / wall, "kept": ""}
 
     activation_matching(model, x, steps=2, progress=False, recipe="paper")  # compiles
     times: dict[str, list[float]] = {"stable": [], "paper": []}
     for r in range(args.rounds):
         order = (("stable", stable), ("paper", paper))
         for name, fn in order if r % 2 == 0 else order[::-1]:
-            times[name].append(fn())
+            load = os.getloadavg()[0]
+            row = {"round": r, "recipe": name, "load": load, **fn()}
+            results.add("recipes", row)
+            log(row)
+            times[name].append(row["seconds"])
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(
+    log(
         f"median s/image: stable {med['stable']:.1f}, paper {med['paper']:.1f} "
         f"({med['paper'] / med['stable']:.1f}x)"
     )
@@ -190,10 +239,16 @@ def main() -> None:
         choices=["float32", "bfloat16"],
         help="fastxai's U-Net precision (the loop always runs float32)",
     )
+    add_results_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.recipes and args.results is True:
+        args.results = RESULTS_DIR / "am-recipes.json"
+    results = Results(__file__, args.results)
     if args.recipes:
-        compare_recipes(args)
+        compare_recipes(args, results)
+        results.finish()
+        print(results.markdown("recipes"))
         return
     model = resnet18().to(args.device)
     x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
@@ -211,16 +266,13 @@ def main() -> None:
         )
         return torch.stack([ex.extras["loss_history"][t] for t in TERMS], 2).cpu()  # (S, N, T)
 
-    print(
-        f"torch {torch.__version__}, device {args.device}, threads {args.threads}, "
-        f"batch {args.batch}, generator {args.generator_precision}"
-    )
-    _, _, _ = timed(lambda: ours(2))  # compiles (cached in TORCHINDUCTOR_CACHE_DIR)
-    rows: dict[str, list[tuple[float, float, tuple[float, ...]]]] = {"fastxai": [], "loop": []}
-    finals = {"fastxai": [], "loop": []}
-    for _ in range(args.rounds):
+    results.table("rounds", ROUND_COLUMNS)
+    ours(2)  # compiles (cached in TORCHINDUCTOR_CACHE_DIR)
+    rows: dict[str, list[tuple[float, float, float]]] = {"fastxai": [], "loop": []}
+    finals: dict[str, list[float]] = {"fastxai": [], "loop": []}
+    for r in range(args.rounds):
         for name in ("fastxai", "loop"):
-            load = os.getloadavg()
+            load = os.getloadavg()[0]
             if name == "fastxai":
                 wall, cpu, hist = timed(lambda: ours(args.steps))
                 per_image = wall / args.steps / args.batch
@@ -230,47 +282,63 @@ def main() -> None:
                 per_image = wall / args.steps
                 finals[name].append(float((hist[-1] * weights).sum()))
             rows[name].append((per_image, cpu / wall, load))
-            print(
-                f"  {name:8s} {per_image * 1e3:7.1f} ms/step/image  cpu/wall {cpu / wall:.2f}  "
-                f"load {load[0]:.2f}",
-                flush=True,
-            )
+            row = {
+                "round": r,
+                "contender": name,
+                "seconds": per_image,
+                "cpu_per_wall": cpu / wall,
+                "load": load,
+            }
+            results.add("rounds", row)
+            log(row)
     med = {k: statistics.median(r[0] for r in v) for k, v in rows.items()}
-    print(
-        f"median s/step/image: fastxai {med['fastxai']:.4f}, loop {med['loop']:.4f}; "
-        f"speed-up {med['loop'] / med['fastxai']:.2f}x"
-    )
-    print(
-        f"extrapolated s/image at {DEFAULT_STEPS} steps: "
-        f"fastxai {med['fastxai'] * DEFAULT_STEPS:.0f}"
-        f", loop {med['loop'] * DEFAULT_STEPS:.0f}"
-    )
     # A pair is trusted only when both of its runs had their threads (cpu/wall near --threads).
     clean = [
         (a[0], b[0])
         for a, b in zip(rows["fastxai"], rows["loop"], strict=True)
         if min(a[1], b[1]) >= 0.9 * args.threads and args.device == "cpu"
     ]
-    if clean:
-        print(
-            f"pairs with cpu/wall >= {0.9 * args.threads:.1f}: {len(clean)}; median speed-up "
-            f"{statistics.median(b / a for a, b in clean):.2f}x"
-        )
-    print(
-        f"final loss after {args.steps} steps: fastxai {finals['fastxai']}, loop {finals['loop']}"
+    results.table("summary", SUMMARY_COLUMNS)
+    results.add(
+        "summary",
+        {
+            "batch": args.batch,
+            "generator": args.generator_precision,
+            "steps": args.steps,
+            "fastxai": med["fastxai"],
+            "loop": med["loop"],
+            "speedup": med["loop"] / med["fastxai"],
+            "paired": statistics.median(b / a for a, b in clean) if clean else None,
+            "pairs": f"{len(clean)}/{args.rounds}",
+            "fastxai_full": med["fastxai"] * DEFAULT_STEPS,
+            "loop_full": med["loop"] * DEFAULT_STEPS,
+            "loss_fastxai": statistics.median(finals["fastxai"]),
+            "loss_loop": statistics.median(finals["loop"]),
+        },
     )
+    tables = ["summary", "rounds"]
     if args.full:
         wall_a, cpu_a, hist_a = timed(lambda: ours(DEFAULT_STEPS))
         wall_b, cpu_b, hist_b = timed(lambda: straightforward_loop(model, x[:1], DEFAULT_STEPS, 0))
         final_a = float((hist_a[-1, 0] * weights).sum())
         final_b = float((hist_b[-1] * weights).sum())
-        print(
-            f"full {DEFAULT_STEPS} steps: fastxai {wall_a / args.batch:.0f} s/image (cpu/wall "
-            f"{cpu_a / wall_a:.2f}), loop {wall_b:.0f} s (cpu/wall {cpu_b / wall_b:.2f}); "
-            f"speed-up {wall_b / (wall_a / args.batch):.2f}x; final loss fastxai {final_a:.4f}, "
-            f"loop {final_b:.4f} ({100 * abs(final_a - final_b) / abs(final_b):.2f}% apart); "
-            f"load {os.getloadavg()[0]:.2f}"
+        results.table("full", FULL_COLUMNS, f"One {DEFAULT_STEPS}-step run of each.")
+        results.add(
+            "full",
+            {
+                "fastxai": wall_a / args.batch,
+                "loop": wall_b,
+                "speedup": wall_b / (wall_a / args.batch),
+                "loss_fastxai": final_a,
+                "loss_loop": final_b,
+                "apart": 100 * abs(final_a - final_b) / abs(final_b),
+                "cpu": f"{cpu_a / wall_a:.2f} / {cpu_b / wall_b:.2f}",
+                "load": os.getloadavg()[0],
+            },
         )
+        tables.insert(1, "full")
+    results.finish()
+    print("\n\n".join(results.markdown(name) for name in tables))
 
 
 if __name__ == "__main__":

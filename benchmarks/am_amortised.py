@@ -10,8 +10,9 @@ selected masks and of the masks at each rung of the ladder (same area, so it mea
 on *where*), and the seconds each took; the summary adds the decoder's results on its own
 training crops (the train / held-out gap) and on the held-out photos' 2nd class.
 
-Runs are cached in ``--out`` (decoder, stable masks), so a rerun only evaluates. Writes
-``--out/am_amortised.csv``. Reproduce the reported run (about 20 minutes on 2 CPU threads):
+Runs are cached in ``--out`` (decoder, stable masks), so a rerun only evaluates. The rows go to
+``benchmarks/results/am_amortised.json`` (``--results``), rendered by ``benchmarks/tables.py``.
+Reproduce the reported run (about 20 minutes on 2 CPU threads):
 
     .venv/bin/python benchmarks/am_amortised.py --out /tmp/am-amortised
 """
@@ -19,10 +20,11 @@ Runs are cached in ``--out`` (decoder, stable masks), so a rerun only evaluates.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _results import Results, add_results_option
+
 from fastxai import activation_matching
 from fastxai.demo import available_photos, load_photo
 from fastxai.io import atomic_save
@@ -38,6 +44,21 @@ from fastxai.matching.amortised import AmortisedExplainer, train_amortised
 from fastxai.models import LoadedModel, load_efficientnet_lite0, to_rgb_uint8
 
 HELD_OUT = ("chelsea", "coffee", "astronaut", "rocket")
+COLUMNS = [
+    ("photo", "held-out photo"),
+    ("amortised", "amortised: kept, top-1 kept, p(e)/p(x)"),
+    ("gradcam", "Grad-CAM ranking: kept, top-1 kept"),
+    ("stable", "stable recipe: kept (top-1 kept)"),
+    ("iou_selected", "IoU amortised / stable", "{:.2f}"),
+    ("iou_per_rung", "IoU per rung 5..30 %"),
+    ("amortised_s", "amortised s", "{:.2f}"),
+    ("stable_s", "stable s", "{:.0f}"),
+]
+TRAINING_COLUMNS = [
+    ("rank_by", "cells ranked by"),
+    ("keeps", "training crops keeping their top-1 %", "{:.0f}"),
+    ("kept", "mean kept %", "{:.1f}"),
+]
 # Bundled with scikit-image (no download) and scikit-learn; "cat" is chelsea, so it is left out.
 TRAIN_PHOTOS = (
     "stereo_motorcycle",
@@ -190,7 +211,8 @@ def main() -> None:
     parser.add_argument(
         "--eval-every", type=int, default=4, help="evaluate every k-th training crop"
     )
-    parser.add_argument("--out", type=Path, default=Path("am-amortised"))
+    parser.add_argument("--out", type=Path, default=Path("am-amortised"), help="run cache")
+    add_results_option(parser)
     args = parser.parse_args()
     if set(args.held_out) & set(args.train_photos):
         parser.error("--train-photos includes a held-out photo")
@@ -216,7 +238,9 @@ def main() -> None:
     )
     reference = stable_masks(model, x, args.held_out, args.out)
     explainer.explain(x[:1])  # warm-up (traces the classifier)
-    rows, top1_masks = [], []
+    results = Results(__file__, args.results)
+    results.table("held_out", COLUMNS)
+    top1_masks = []
     for i, name in enumerate(args.held_out):
         start = time.perf_counter()
         ex = explainer.explain(x[i : i + 1])
@@ -227,44 +251,31 @@ def main() -> None:
         rung_iou = [
             iou(a, b) for a, b in zip(ex.extras["ladder"]["masks"][0], ref["rungs"], strict=True)
         ]
-        rows.append(
-            {
-                "photo": name,
-                "amortised_area": float(ex.extras["area"][0]),
-                "amortised_kept": float(ex.extras["kept_fraction"][0]),
-                "amortised_keeps_class": bool(ex.extras["found"][0]),
-                "amortised_p_e_over_p_x": float(ex.extras["prob_e"][0] / ex.extras["prob_x"][0]),
-                "gradcam_kept": float(baseline.extras["kept_fraction"][0]),
-                "gradcam_keeps_class": bool(baseline.extras["found"][0]),
-                "stable_area": ref["area"],
-                "stable_kept": ref["kept"],
-                "stable_keeps_class": ref["keeps"],
-                "iou_selected": iou(ex.mask[0], ref["mask"]),
-                "iou_gradcam_selected": iou(baseline.mask[0], ref["mask"]),
-                "iou_per_rung": " ".join(f"{v:.2f}" for v in rung_iou),
-                "amortised_s": seconds,
-                "stable_s": ref["seconds"],
-            }
-        )
-    for row in rows:
-        print(
-            f"  {row['photo']:<10} amortised {100 * row['amortised_kept']:5.1f}% kept "
-            f"(class kept {row['amortised_keeps_class']}, p(e)/p(x) "
-            f"{row['amortised_p_e_over_p_x']:.2f}, {row['amortised_s']:.2f} s) | Grad-CAM "
-            f"ranking {100 * row['gradcam_kept']:5.1f}% (class kept "
-            f"{row['gradcam_keeps_class']}, IoU with stable {row['iou_gradcam_selected']:.2f}) "
-            f"| stable "
-            f"{100 * row['stable_kept']:5.1f}% (class kept {row['stable_keeps_class']}, "
-            f"{row['stable_s']:.0f} s) | IoU selected {row['iou_selected']:.2f}, per rung "
-            f"{row['iou_per_rung']}",
-            flush=True,
-        )
+        amortised_kept = 100 * float(ex.extras["kept_fraction"][0])
+        ratio = float(ex.extras["prob_e"][0] / ex.extras["prob_x"][0])
+        if bool(ex.extras["found"][0]):
+            amortised = f"{amortised_kept:.1f} %, yes, {ratio:.2f}"
+        else:
+            amortised = f"{amortised_kept:.1f} %, **no** ({ratio:.2f})"
+        gradcam_kept = 100 * float(baseline.extras["kept_fraction"][0])
+        gradcam_keeps = "yes" if bool(baseline.extras["found"][0]) else "no"
+        stable = f"{100 * ref['kept']:.1f} %" + ("" if ref["keeps"] else " (**no**)")
+        row = {
+            "photo": name,
+            "amortised": amortised,
+            "gradcam": f"{gradcam_kept:.1f} %, {gradcam_keeps}",
+            "stable": stable,
+            "iou_selected": iou(ex.mask[0], ref["mask"]),
+            "iou_per_rung": " ".join(f"{v:.2f}" for v in rung_iou),
+            "amortised_s": seconds,
+            "stable_s": ref["seconds"],
+        }
+        results.add("held_out", row)
+        print(row, file=sys.stderr, flush=True)
+    results.table("training", TRAINING_COLUMNS, f"Every {args.eval_every}th training crop.")
     for rank_by in ("decoder", "gradcam"):
         share, kept = found_share(explainer, data[:: args.eval_every], rank_by)
-        print(
-            f"training crops, cells ranked by the {rank_by}: {100 * share:.0f}% keep their top-1 "
-            f"(mean kept {100 * kept:.1f}%)"
-        )
+        results.add("training", {"rank_by": rank_by, "keeps": 100 * share, "kept": 100 * kept})
     with torch.no_grad():
         second = model(x).topk(2, 1).indices[:, 1]
     ex2 = explainer.explain(x, second)
@@ -275,12 +286,9 @@ def main() -> None:
         + "; IoU with the top-1 masks "
         + ", ".join(f"{iou(a, b):.2f}" for a, b in zip(ex2.mask, top1_masks, strict=True))
     )
-    path = args.out / "am_amortised.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path}")
+    results.finish()
+    print(results.markdown("held_out"))
+    print(results.markdown("training"))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ selected masks over all runs, the kept fraction (min-max), the chosen area, whet
 selected mask keeps the top-1 (or says that no area did), the undecided pixels
 (:math:`|p - 0.5| < 0.1`) and the share of 16 noise/blur backgrounds under which the mask keeps the
 top-1 (:func:`fastxai.matching.robustness.background_robustness`), plus the seconds per image of
-each run. ``--csv`` writes the table.
+each run. The rows go to ``benchmarks/results/am_stability.json`` (``--background blur``:
+``am_stability-blur.json``; ``--results`` for another file), rendered by ``benchmarks/tables.py``;
+``--out`` only caches the runs.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/am_stability.py --threads 1 --seeds 0 --out D &
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/am_stability.py --threads 1 --seeds 1 --out D
@@ -24,13 +26,17 @@ kind as another thread count), and the table pools those runs with the cached no
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _results import RESULTS_DIR, Results, add_results_option
 
 from fastxai.demo import load_photo
 from fastxai.matching import activation_matching
@@ -38,6 +44,24 @@ from fastxai.matching.robustness import background_robustness
 from fastxai.models import class_name, load_efficientnet_lite0
 
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+COLUMNS = [
+    ("photo", "photo"),
+    ("class", "class"),
+    ("iou", "mean pairwise IoU (min)"),
+    ("kept", "kept %"),
+    ("area", "area"),
+    ("top1_kept", "top-1 kept"),
+    ("p", "p(x) -> p(e)"),
+    ("undecided", "undecided %", "{:.2f}"),
+    ("robust", "robust (16 bg)"),
+]
+RUN_COLUMNS = [
+    ("threads", "threads"),
+    ("seed", "seed"),
+    ("seconds_per_image", "s/image", "{:.1f}"),
+    ("cpu_per_wall", "cpu/wall", "{:.2f}"),
+    ("load", "load", "{:.2f}"),
+]
 
 
 def run_path(
@@ -81,30 +105,39 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a & b).sum() / union) if union else 1.0
 
 
+def span(values: list[float], fmt: str) -> str:
+    """``low-high`` in ``fmt``, or one value when both print alike."""
+    low, high = fmt.format(min(values)), fmt.format(max(values))
+    return low if low == high else f"{low}-{high}"
+
+
 def table(runs: dict[tuple[int, int], dict], photos: list[str], class_names: list[str]) -> list:
     rows = []
     for i, photo in enumerate(photos):
         masks = [r["mask"][i] for r in runs.values()]
-        pairs = [iou(a, b) for a, b in itertools.combinations(masks, 2)]
-        kept = [float(r["kept"][i]) for r in runs.values()]
+        pairs = [iou(a, b) for a, b in itertools.combinations(masks, 2)] or [1.0]
+        mean, low = f"{sum(pairs) / len(pairs):.3f}", f"{min(pairs):.3f}"
         first = next(iter(runs.values()))
+        areas = sorted({round(100 * float(r["area"][i])) for r in runs.values()})
+        if all(bool(r["top1_kept"][i]) for r in runs.values()):
+            top1 = "yes"
+        elif not all(bool(r["found"][i]) for r in runs.values()):
+            top1 = "no area kept it"
+        else:
+            top1 = "no"
+        p_e = span([float(r["p_e"][i]) for r in runs.values()], "{:.2f}")
+        robust = span([100 * float(r["robust"][i]) for r in runs.values()], "{:.0f}")
         rows.append(
             {
                 "photo": photo,
                 "class": class_name(class_names, int(first["top1_x"][i])),
-                "runs": len(masks),
-                "mean_pairwise_iou": sum(pairs) / len(pairs) if pairs else 1.0,
-                "min_pairwise_iou": min(pairs) if pairs else 1.0,
-                "kept_min": min(kept),
-                "kept_max": max(kept),
-                "areas": sorted({round(float(r["area"][i]), 3) for r in runs.values()}),
-                "found_all": all(bool(r["found"][i]) for r in runs.values()),
-                "top1_kept_all": all(bool(r["top1_kept"][i]) for r in runs.values()),
-                "p_x": float(first["p_x"][i]),
-                "p_e": [round(float(r["p_e"][i]), 3) for r in runs.values()],
-                "undecided_max": max(float(r["undecided"][i]) for r in runs.values()),
-                "robust_min": min(float(r["robust"][i]) for r in runs.values()),
-                "robust_max": max(float(r["robust"][i]) for r in runs.values()),
+                "iou": mean if mean == low else f"{mean} ({low})",
+                "kept": span([100 * float(r["kept"][i]) for r in runs.values()], "{:.1f}"),
+                "area": " / ".join(f"{a} %" for a in areas),
+                "top1_kept": top1,
+                "p": f"{float(first['p_x'][i]):.2f} -> {p_e}",
+                "undecided": max(100 * float(r["undecided"][i]) for r in runs.values()),
+                "robust": f"{robust} %",
             }
         )
     return rows
@@ -129,8 +162,10 @@ def main() -> None:
     parser.add_argument(
         "--background", default="zero", choices=["zero", "blur"], help="stable recipe only"
     )
-    parser.add_argument("--csv", type=Path)
+    add_results_option(parser)
     args = parser.parse_args()
+    if args.results is True and args.background != "zero":
+        args.results = RESULTS_DIR / f"am_stability-{args.background}.json"
     args.out.mkdir(parents=True, exist_ok=True)
     loaded = load_efficientnet_lite0()
     x = torch.cat([loaded.preprocess(load_photo(p)) for p in args.photos])
@@ -169,30 +204,25 @@ def main() -> None:
     if not runs:
         print("no runs cached yet")
         return
-    rows = table(runs, args.photos, loaded.class_names)
-    print(f"\n{args.recipe} recipe, {len(runs)} runs (threads x seeds): {sorted(runs)}")
-    print(
-        "| photo | class | mean pairwise IoU (min) | kept % | area | top-1 kept | p(x) -> p(e) "
-        "| undecided % | robust (16 bg) |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        kept = f"{100 * r['kept_min']:.1f}-{100 * r['kept_max']:.1f}"
-        top1 = "yes" if r["top1_kept_all"] else ("no area kept it" if not r["found_all"] else "no")
-        p_e = f"{min(r['p_e']):.2f}-{max(r['p_e']):.2f}"
-        print(
-            f"| {r['photo']} | {r['class']} | {r['mean_pairwise_iou']:.3f} "
-            f"({r['min_pairwise_iou']:.3f}) | {kept} | {r['areas']} | {top1} "
-            f"| {r['p_x']:.2f} -> {p_e} | {100 * r['undecided_max']:.2f} "
-            f"| {100 * r['robust_min']:.0f}-{100 * r['robust_max']:.0f} % |"
+    results = Results(__file__, args.results)
+    results.table("main", COLUMNS, f"{args.recipe} recipe, runs (threads, seed): {sorted(runs)}")
+    for row in table(runs, args.photos, loaded.class_names):
+        results.add("main", row)
+    results.table("runs", RUN_COLUMNS)
+    for (threads, seed), run in sorted(runs.items()):
+        results.add(
+            "runs",
+            {
+                "threads": threads,
+                "seed": seed,
+                "seconds_per_image": run["seconds_per_image"],
+                "cpu_per_wall": run["cpu_per_wall"],
+                "load": run["load"],
+            },
         )
-    per_image = {k: round(v["seconds_per_image"], 1) for k, v in runs.items()}
-    print(f"seconds per image by (threads, seed): {per_image}")
-    if args.csv:
-        with args.csv.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+    results.finish()
+    print(results.markdown("main"))
+    print(results.markdown("runs"))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ Contenders, interleaved (the order rotates every round) at batch 1 and 8, 224 x 
 
 Ratios are medians over rounds of ``contender / floor`` in the same round; milliseconds are
 medians (over the trusted rounds when there are any: both threads ran). Run
-``python benchmarks/cam_several_layers.py [--rounds R] [--batches 1,8]``.
+``python benchmarks/cam_several_layers.py [--rounds R] [--batches 1,8] [--flops]``; the rows go
+to ``benchmarks/results/cam_several_layers.json`` (``--flops``: ``cam_several_layers-flops.json``;
+``--results`` for another file), rendered by ``benchmarks/tables.py``.
 """
 
 from __future__ import annotations
@@ -32,8 +34,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _timing import time_once
-from cam_methods import (
+from _contenders import (
     THREADS,
     Contender,
     Measured,
@@ -44,6 +45,8 @@ from cam_methods import (
     upsample_minmax,
     vjp_floor,
 )
+from _results import RESULTS_DIR, Results, add_results_option
+from _timing import time_once
 
 import fastxai
 from fastxai.methods._base import explain_layers
@@ -135,6 +138,74 @@ def measure_rounds(contenders: list[Contender], rounds: int) -> Measured:
     return result
 
 
+COLUMNS = [
+    ("batch", "N"),
+    ("rounds", "rounds"),
+    ("fastxai_ms", "fastxai ms", "{:.1f}"),
+    ("floor_ms", "floor ms", "{:.1f}"),
+    ("floor_kind", "floor"),
+    ("fx_ratio", "fastxai/floor", "{:.2f}x"),
+    ("per_layer_ratio", "per layer/floor", "{:.2f}x"),
+    ("pgc_ratio", "pgc/floor", "{:.2f}x"),
+    ("tc_ratio", "torchcam/floor", "{:.2f}x"),
+    ("trusted", "trusted rounds"),
+    ("load", "load 1m", "{:.2f}"),
+    ("pgc_diff", "max abs diff vs pgc", "{:.1e}"),
+    ("chain_diff", "max abs diff per layer vs chain", "{:.1e}"),
+]
+FLOP_COLUMNS = [
+    ("batch", "N"),
+    ("fastxai", "fastxai GFLOP", "{:.2f}"),
+    ("per_layer", "per layer GFLOP", "{:.2f}"),
+    ("floor", "floor (vjp) GFLOP", "{:.2f}"),
+]
+
+
+def flop_row(model: nn.Module, x: Tensor) -> dict[str, Any]:
+    """Convolution and matmul GFLOP of fastxai, fastxai per layer and the vjp floor."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = []
+    for c in (
+        Contender("fastxai", lambda: fastxai.layercam(model, x, LAYERS).maps),
+        fastxai_per_layer(model, x),
+        vjp_floor(model, LAYERS[0], x),
+    ):
+        with FlopCounterMode(display=False) as counter:
+            c.run()
+        counts.append(counter.get_total_flops() / 1e9)
+    return {"batch": x.shape[0], "fastxai": counts[0], "per_layer": counts[1], "floor": counts[2]}
+
+
+def timing_row(model: nn.Module, x: Tensor, rounds: int) -> dict[str, Any]:
+    contenders = [
+        Contender("fastxai", lambda: fastxai.layercam(model, x, LAYERS).maps),
+        fastxai_per_layer(model, x),
+        hook_floor(model, LAYERS[0], x),
+        vjp_floor(model, LAYERS[0], x),
+        pgc_layercam(model, x),
+        torchcam_layercam(model, x),
+    ]
+    m = measure_rounds(contenders, rounds)
+    floor, kind = pick_floor(m)
+    trusted, total = m.trusted_count("fastxai")
+    return {
+        "batch": x.shape[0],
+        "rounds": rounds,
+        "fastxai_ms": m.median_ms("fastxai"),
+        "floor_ms": m.median_ms(floor),
+        "floor_kind": kind,
+        "fx_ratio": m.paired_ratio("fastxai", floor),
+        "per_layer_ratio": m.paired_ratio("fastxai per layer", floor),
+        "pgc_ratio": m.paired_ratio("pgc", floor),
+        "tc_ratio": m.paired_ratio("torchcam", floor),
+        "trusted": f"{trusted}/{total}",
+        "load": m.load(),
+        "pgc_diff": float(np.abs(m.outputs["fastxai"].numpy() - m.outputs["pgc"]).max()),
+        "chain_diff": float((m.outputs["fastxai"] - m.outputs["fastxai per layer"]).abs().max()),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per batch size")
@@ -145,58 +216,24 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of timing, count the convolution and matmul FLOPs of fastxai, fastxai "
         "per layer and the vjp floor (torch.utils.flop_counter; independent of machine load)",
     )
+    add_results_option(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     warnings.filterwarnings("ignore")
+    if args.flops and args.results is True:
+        args.results = RESULTS_DIR / "cam_several_layers-flops.json"
+    results = Results(__file__, args.results)
+    name = "flops" if args.flops else "main"
+    results.table(name, FLOP_COLUMNS if args.flops else COLUMNS)
     model = torchvision_model("resnet50")
     gen = torch.Generator().manual_seed(0)
-    if args.flops:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        print("| N | fastxai GFLOP | fastxai per layer GFLOP | floor (vjp) GFLOP |")
-        print("|---|---|---|---|")
-        for n in (int(b) for b in args.batches.split(",")):
-            x = torch.randn(n, 3, SIZE, SIZE, generator=gen)
-            counts = []
-            for c in (
-                Contender("fastxai", lambda x=x: fastxai.layercam(model, x, LAYERS).maps),
-                fastxai_per_layer(model, x),
-                vjp_floor(model, LAYERS[0], x),
-            ):
-                with FlopCounterMode(display=False) as counter:
-                    c.run()
-                counts.append(counter.get_total_flops() / 1e9)
-            print(f"| {n} | " + " | ".join(f"{c:.2f}" for c in counts) + " |")
-        return 0
-    print(
-        "| N | fastxai ms | floor ms | floor | fastxai/floor | fastxai per layer/floor "
-        "| pgc/floor | torchcam/floor | trusted rounds | load 1m | max abs diff fastxai vs pgc |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for n in (int(b) for b in args.batches.split(",")):
         x = torch.randn(n, 3, SIZE, SIZE, generator=gen)
-        contenders = [
-            Contender("fastxai", lambda x=x: fastxai.layercam(model, x, LAYERS).maps),
-            fastxai_per_layer(model, x),
-            hook_floor(model, LAYERS[0], x),
-            vjp_floor(model, LAYERS[0], x),
-            pgc_layercam(model, x),
-            torchcam_layercam(model, x),
-        ]
-        m = measure_rounds(contenders, args.rounds)
-        floor, kind = pick_floor(m)
-        diff = np.abs(m.outputs["fastxai"].numpy() - m.outputs["pgc"]).max()
-        per_layer_diff = (m.outputs["fastxai"] - m.outputs["fastxai per layer"]).abs().max()
-        trusted, total = m.trusted_count("fastxai")
-        print(
-            f"| {n} | {m.median_ms('fastxai'):.1f} | {m.median_ms(floor):.1f} | {kind} "
-            f"| {m.paired_ratio('fastxai', floor):.2f}x "
-            f"| {m.paired_ratio('fastxai per layer', floor):.2f}x "
-            f"| {m.paired_ratio('pgc', floor):.2f}x | {m.paired_ratio('torchcam', floor):.2f}x "
-            f"| {trusted}/{total} | {m.load():.2f} | {diff:.1e} "
-            f"(per layer vs chain {per_layer_diff:.1e}) |",
-            flush=True,
-        )
+        row = flop_row(model, x) if args.flops else timing_row(model, x, args.rounds)
+        results.add(name, row)
+        print(" | ".join(str(v) for v in row.values()), file=sys.stderr, flush=True)
+    results.finish()
+    print(results.markdown(name))
     return 0
 
 

@@ -10,6 +10,9 @@ random moments (``--kills`` times; each run is resumed by the next), finishes it
 * equal to the clean run: maps and targets bitwise equal, image by image.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/dataset_kill_resume.py --out /tmp/kill-resume
+
+``--out`` is the work folder; the result goes to ``benchmarks/results/dataset_kill_resume.json``
+(``--results``), rendered by ``benchmarks/tables.py``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _results import Results, add_results_option
 
 from fastxai.io import read_shards
 
@@ -70,6 +77,17 @@ def command(images: Path, out: Path) -> list[str]:
     ]
 
 
+COLUMNS = [
+    ("kills", "kills"),
+    ("runs", "runs"),
+    ("lost", "lost"),
+    ("duplicated", "duplicated"),
+    ("failed_recorded", "unreadable recorded"),
+    ("equal", "equal to the clean run"),
+    ("clean_s", "clean run s", "{:.0f}"),
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("kill-resume"))
@@ -77,6 +95,7 @@ def main() -> None:
     parser.add_argument("--corrupt", type=int, default=6)
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    add_results_option(parser)
     args = parser.parse_args()
     random.seed(args.seed)
     images, clean, killed = args.out / "images", args.out / "clean", args.out / "killed"
@@ -86,7 +105,7 @@ def main() -> None:
     start = time.perf_counter()
     subprocess.run([*command(images, clean), "--restart"], env=env, capture_output=True)
     clean_seconds = time.perf_counter() - start
-    print(f"clean run: {clean_seconds:.1f} s", flush=True)
+    print(f"clean run: {clean_seconds:.1f} s", file=sys.stderr, flush=True)
 
     runs = kills = 0
     restart = True  # the first run starts afresh; later ones resume
@@ -109,9 +128,9 @@ def main() -> None:
         runs += 1
         done = sum(len(torch.load(p, weights_only=True)["index"]) for p in shards(killed))
         state = "killed" if process.returncode < 0 else f"finished (exit {process.returncode})"
-        print(f"run {runs}: {state} after {delay:.1f} s; {done} images in shards", flush=True)
+        print(f"run {runs}: {state} after {delay:.1f} s; {done} images in shards", file=sys.stderr)
     final = subprocess.run(command(images, killed), env=env, capture_output=True, text=True)
-    print(f"final run: exit {final.returncode}: {final.stdout.strip()}")
+    print(f"final run: exit {final.returncode}: {final.stdout.strip()}", file=sys.stderr)
 
     want, got = read_shards(clean), read_shards(killed)
     indices = torch.cat([torch.load(p, weights_only=True)["index"] for p in shards(killed)])
@@ -120,10 +139,22 @@ def main() -> None:
     readable = set(range(args.images)) - {f["index"] for f in failed}
     lost = len(readable - set(got["index"].tolist()))
     equal = got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
-    print(
-        f"{kills} kills over {runs} runs: lost {lost}, duplicated {duplicated}, "
-        f"failed-recorded {len(failed)}/{args.corrupt}, equal to the clean run: {equal}"
+    results = Results(__file__, args.results)
+    results.table("main", COLUMNS)
+    results.add(
+        "main",
+        {
+            "kills": kills,
+            "runs": runs,
+            "lost": lost,
+            "duplicated": duplicated,
+            "failed_recorded": f"{len(failed)} / {args.corrupt}",
+            "equal": "yes, bitwise (maps, targets)" if equal else "no",
+            "clean_s": clean_seconds,
+        },
     )
+    results.finish()
+    print(results.markdown("main"))
 
 
 if __name__ == "__main__":

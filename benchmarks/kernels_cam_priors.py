@@ -19,55 +19,27 @@ samples count when a contender has any. On a shared machine, 2-thread timings of
 kernels are dominated by OpenMP threads waiting for a descheduled sibling at each barrier;
 ``--threads 1`` then gives the steadier comparison.
 
-Run ``PYTHONPATH=. python benchmarks/kernels_cam_priors.py [--repeats R] [--threads T]``.
+Run ``PYTHONPATH=. python benchmarks/kernels_cam_priors.py [--repeats R] [--threads T]``; the rows
+go to ``benchmarks/results/kernels_cam_priors.json`` (``--results``), rendered by
+``benchmarks/tables.py``.
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 
 import torch
-from _timing import (
-    Sample,
-    interleave,
-    median_cpu_per_wall,
-    median_load,
-    median_ms,
-    paired_ratio,
-    trusted_count,
-)
+from _kernel_rows import THREADS, summarise
+from _kernel_rows import main as kernel_main
+from _timing import interleave
 from torch import Tensor
 
 import fastxai.ops as ops
 from fastxai.ops import reference
 
-THREADS = 2
 LAYERCAM_SHAPE = (32, 512, 28, 28)
 MASK_SHAPE = (16, 1, 224, 224)
 PRIOR_WEIGHTS = (100.0, 1.0, 15.0)  # lambda_area, lambda_bin, lambda_tv of the AM paper's CVPR text
-
-
-def _summarise(
-    workload: str, samples: dict[str, list[Sample]], fused: str, baselines: list[str]
-) -> list[dict]:
-    rows = []
-    for baseline in baselines:
-        mine, theirs = samples[fused], samples[baseline]
-        rows.append(
-            {
-                "workload": workload,
-                "baseline": baseline,
-                "fused_ms": median_ms(mine),
-                "baseline_ms": median_ms(theirs),
-                "speedup": paired_ratio(theirs, mine),
-                "load_1m": median_load(mine, theirs),
-                "cpu_wall_fused": median_cpu_per_wall(mine),
-                "cpu_wall_baseline": median_cpu_per_wall(theirs),
-                "trusted": trusted_count(mine, theirs),
-            }
-        )
-    return rows
 
 
 def _eager_layercam(g: Tensor, a: Tensor) -> Tensor:
@@ -85,7 +57,7 @@ def _layercam_rows(repeats: int) -> list[dict]:
         forward = interleave(
             {"fused": lambda: ops.layercam(g, a), "eager": lambda: _eager_layercam(g, a)}, repeats
         )
-    rows = _summarise("layercam forward", forward, "fused", ["eager"])
+    rows = summarise("layercam forward", forward, "fused", ["eager"])
 
     g_leaf, a_leaf = g.clone().requires_grad_(), a.clone().requires_grad_()
 
@@ -97,7 +69,7 @@ def _layercam_rows(repeats: int) -> list[dict]:
 
     torch.testing.assert_close(fused_backward(), eager_backward(), rtol=1e-5, atol=1e-5)
     both = interleave({"fused": fused_backward, "eager autograd": eager_backward}, repeats)
-    rows += _summarise("layercam forward+backward", both, "fused", ["eager autograd"])
+    rows += summarise("layercam forward+backward", both, "fused", ["eager autograd"])
     return rows
 
 
@@ -125,7 +97,7 @@ def _mask_prior_rows(repeats: int, neighbours: int) -> list[dict]:
     for name in ("fused", "compiled reference"):
         torch.testing.assert_close(contenders[name](), expected, rtol=1e-5, atol=1e-9, msg=name)
     samples = interleave(contenders, repeats)
-    return _summarise(
+    return summarise(
         f"mask_priors fwd+bwd, {neighbours}-neighbour",
         samples,
         "fused",
@@ -142,32 +114,5 @@ def run(repeats: int, threads: int = THREADS) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    header = (
-        "| workload | baseline | fused ms | baseline ms | speed-up | load 1m | CPU/wall fused, "
-        "baseline | trusted rounds |\n|---|---|---|---|---|---|---|---|"
-    )
-    lines = [
-        f"| {r['workload']} | {r['baseline']} | {r['fused_ms']:.2f} | {r['baseline_ms']:.2f} | "
-        f"{r['speedup']:.2f}x | {r['load_1m']:.2f} | {r['cpu_wall_fused']:.2f}, "
-        f"{r['cpu_wall_baseline']:.2f} | {r['trusted']} |"
-        for r in rows
-    ]
-    return "\n".join([header, *lines])
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=THREADS)
-    args = parser.parse_args()
-    rows = run(args.repeats, args.threads)
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"extension: {ops.extension_status()}\n"
-    )
-    print(markdown(rows))
-
-
 if __name__ == "__main__":
-    main()
+    raise SystemExit(kernel_main(__file__, __doc__.splitlines()[0], run))

@@ -9,16 +9,17 @@ Timing as in ``kernels_cam_priors.py``: contenders interleaved in rotating order
 each, medians, ``speed-up`` the median over rounds of ``eager / fused`` in the same round, only
 trusted samples (CPU time >= 0.85 x threads x wall) when there are any.
 
-Run ``PYTHONPATH=. python benchmarks/kernels_fuse_maps.py [--repeats R] [--threads T]``.
+Run ``PYTHONPATH=. python benchmarks/kernels_fuse_maps.py [--repeats R] [--threads T]``; the rows
+go to ``benchmarks/results/kernels_fuse_maps.json`` (``--results``), rendered by
+``benchmarks/tables.py``.
 """
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+from _kernel_rows import THREADS, summarise
+from _kernel_rows import main as kernel_main
 from _timing import interleave
-from kernels_cam_priors import THREADS, _summarise, markdown
 
 import fastxai.ops as ops
 from fastxai.ops import reference
@@ -43,7 +44,7 @@ def _fuse_rows(repeats: int, fusion: str) -> list[dict]:
         )
     sizes = "/".join(str(s) for s in LAYER_SIZES)
     workload = f"fuse_maps {fusion}, N={N}, {sizes} -> {SIZE[0]}"
-    return _summarise(workload, samples, "fused", ["eager reference"])
+    return summarise(workload, samples, "fused", ["eager reference"])
 
 
 def run(repeats: int, threads: int = THREADS) -> list[dict]:
@@ -52,18 +53,5 @@ def run(repeats: int, threads: int = THREADS) -> list[dict]:
     return _fuse_rows(repeats, "mean") + _fuse_rows(repeats, "tanh")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--threads", type=int, default=THREADS)
-    args = parser.parse_args()
-    rows = run(args.repeats, args.threads)
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"extension: {ops.extension_status()}\n"
-    )
-    print(markdown(rows))
-
-
 if __name__ == "__main__":
-    main()
+    raise SystemExit(kernel_main(__file__, __doc__.splitlines()[0], run))

@@ -12,17 +12,19 @@ Contenders of a group are timed in rounds, the order rotating every round (A B C
 ratios are medians over rounds of ``contender / baseline`` in the same round, times are medians
 (trusted samples only when there are any: ``benchmarks/_timing.py``).
 Each sample records ``os.getloadavg()[0]`` and the process CPU time over the wall time (about 2
-when both threads ran). Run ``python benchmarks/kernels_tft.py [--repeats R] [--threads 2]``.
+when both threads ran). Run ``python benchmarks/kernels_tft.py [--repeats R] [--threads 2]``; the
+rows go to ``benchmarks/results/kernels_tft.json`` (``--results``), rendered by
+``benchmarks/tables.py``.
 """
 
 from __future__ import annotations
 
-import argparse
-import platform
 from collections.abc import Callable
 from typing import Any
 
 import torch
+from _kernel_rows import THREADS
+from _kernel_rows import main as kernel_main
 from _timing import (
     Sample,
     interleave,
@@ -36,9 +38,22 @@ from _timing import (
 import fastxai.ops as ops
 from fastxai.ops import reference
 
-THREADS = 2
 N, T, C, SIZE, LOW = 8, 10, 3, 224, 7
 CLASSES = 1000
+COLUMNS = [
+    ("op", "op"),
+    ("contender", "contender"),
+    ("baseline", "vs"),
+    ("contender_ms", "contender ms", "{:.3f}"),
+    ("baseline_ms", "vs ms", "{:.3f}"),
+    ("ratio", "ratio", "{:.2f}"),
+    ("target", "target"),
+    ("met", "met"),
+    ("load_1m", "load 1m", "{:.2f}"),
+    ("cpu_wall", "CPU/wall (contender, vs)"),
+    ("trusted", "trusted rounds"),
+    ("note", "notes"),
+]
 
 
 def _row(
@@ -59,11 +74,10 @@ def _row(
         "contender_ms": median_ms(mine),
         "baseline_ms": median_ms(theirs),
         "ratio": ratio,
-        "target": target,
-        "met": meets(ratio) if target else None,
+        "target": target or None,
+        "met": ("yes" if meets(ratio) else "**no**") if target else None,
         "load_1m": median_load(mine, theirs),
-        "cpu_wall_contender": median_cpu_per_wall(mine),
-        "cpu_wall_baseline": median_cpu_per_wall(theirs),
+        "cpu_wall": f"{median_cpu_per_wall(mine):.2f}, {median_cpu_per_wall(theirs):.2f}",
         "trusted": trusted_count(mine, theirs),
         "repeats": len(mine),
         "note": note,
@@ -121,8 +135,8 @@ def _select_rows(repeats: int) -> list[dict[str, Any]]:
     logits = torch.randn(N * T, CLASSES, generator=g) * 3
     classes = torch.randint(0, CLASSES, (N,), generator=g)
     original = torch.rand(N, generator=g) * 0.01
-    rpi, index = ops.rpi_select(logits, classes, original)
-    expected_rpi, expected_index = reference.rpi_select(logits, classes, original)
+    rpi, index, _ = ops.rpi_select(logits, classes, original)
+    expected_rpi, expected_index, _ = reference.rpi_select(logits, classes, original)
     scale = 1 + expected_rpi.abs()
     note = (
         f"max |rpi diff| / (1 + rpi): {((rpi - expected_rpi).abs() / scale).max().item():.1e}, "
@@ -149,43 +163,5 @@ def run(repeats: int = 15, threads: int = THREADS) -> list[dict[str, Any]]:
         return _ladder_rows(repeats) + _select_rows(repeats)
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
-    header = (
-        "| op | contender | vs | contender ms | vs ms | ratio | target | met | load 1m "
-        "| CPU/wall (contender, vs) | trusted rounds | notes |\n"
-        "|---|---|---|---:|---:|---:|---|---|---:|---|---|---|\n"
-    )
-    lines = []
-    for row in rows:
-        met = "-" if row["met"] is None else ("yes" if row["met"] else "**no**")
-        lines.append(
-            f"| {row['op']} | {row['contender']} | {row['baseline']} "
-            f"| {row['contender_ms']:.3f} | {row['baseline_ms']:.3f} | {row['ratio']:.2f} "
-            f"| {row['target'] or '-'} | {met} | {row['load_1m']:.2f} "
-            f"| {row['cpu_wall_contender']:.2f}, {row['cpu_wall_baseline']:.2f} "
-            f"| {row['trusted']} | {row['note']} |"
-        )
-    return header + "\n".join(lines)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=15, help="rounds per group (default 15)")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=THREADS,
-        help="torch threads (default 2; 1 on a busy machine)",
-    )
-    args = parser.parse_args()
-    rows = run(args.repeats, args.threads)
-    machine = platform.processor() or platform.machine()
-    print(
-        f"torch {torch.__version__}, {args.threads} threads, {machine}, {args.repeats} rounds; "
-        "ratio = median over rounds of contender / vs time\n"
-    )
-    print(markdown(rows))
-
-
 if __name__ == "__main__":
-    main()
+    raise SystemExit(kernel_main(__file__, __doc__.splitlines()[0], run, COLUMNS))

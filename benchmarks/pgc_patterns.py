@@ -11,7 +11,10 @@ finishes; ``max |Δ|`` compares each of its outputs with pytorch-grad-cam's, in 
 (maps in [0, 1], images in [0, 255], logits, metric values). Deliberate differences are listed in
 ``fastxai.compat``'s docstring (e.g. the Eigen-CAM SVD sign, the ablation value).
 
-Run ``python benchmarks/pgc_patterns.py [--only NAME ...]`` (pytorch-grad-cam installed).
+Run ``python benchmarks/pgc_patterns.py [--only NAME ...]`` (pytorch-grad-cam installed); the rows
+go to ``benchmarks/results/pgc_patterns.json`` (with ``--only``: ``pgc_patterns-only.json``, so
+that a partial rerun does not replace the full table; ``--results`` for another file), rendered by
+``benchmarks/tables.py``.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib
+import os
 import sys
 import time
 import traceback
@@ -31,8 +35,20 @@ import torch
 import torchvision
 from torch import nn
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _results import RESULTS_DIR, Results, add_results_option
+
 PGC = "pytorch_grad_cam"
 FASTXAI = "fastxai.compat"
+COLUMNS = [
+    ("pattern", "pattern"),
+    ("source", "from"),
+    ("works", "works"),
+    ("diff", "max abs diff vs pgc, per output"),
+    ("note", "note"),
+    ("seconds", "s", "{:.0f}"),
+]
 
 
 @dataclass
@@ -327,10 +343,12 @@ def run_pattern(pattern: Pattern) -> tuple[str, str, str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", nargs="*", help="pattern names (substring match)")
+    add_results_option(parser)
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
-    print("| pattern | from | works | max abs diff vs pgc, per output | note | s |")
-    print("|---|---|---|---|---|---|")
+    if args.only and args.results is True:
+        args.results = RESULTS_DIR / "pgc_patterns-only.json"
+    results = Results(__file__, args.results)
+    results.table("main", COLUMNS)
     failures = 0
     for pattern in PATTERNS:
         if args.only and not any(s in pattern.name for s in args.only):
@@ -340,11 +358,18 @@ def main() -> int:
             warnings.simplefilter("ignore")
             works, diff, note = run_pattern(pattern)
         failures += works == "no"
-        print(
-            f"| {pattern.name} | {pattern.source} | {works} | {diff} | {note} | "
-            f"{time.perf_counter() - start:.0f} |",
-            flush=True,
-        )
+        row = {
+            "pattern": pattern.name,
+            "source": pattern.source,
+            "works": works,
+            "diff": diff,
+            "note": note,
+            "seconds": time.perf_counter() - start,
+        }
+        results.add("main", row)
+        print(row, file=sys.stderr, flush=True)
+    results.finish()
+    print(results.markdown("main"))
     return 1 if failures else 0
 
 

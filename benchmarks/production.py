@@ -9,8 +9,8 @@ in interleaved rounds with the harness of ``cam_methods.py`` (medians, load, CPU
 * ``compiled floor``: the vjp floor under ``torch.compile(fullgraph=True)``;
 * ``compiled``: ``torch.compile(Explainer(...), fullgraph=True)``.
 
-Compile time (the first call of each compiled function) is reported separately. Targets of issue 8:
-at batch 1 ``compiled < eager floor``; at batch 8 ``compiled <= 1.05 x compiled floor``.
+Compile time (the first call of each compiled function) is reported separately. Targets: at
+batch 1 ``compiled < eager floor``; at batch 8 ``compiled <= 1.05 x compiled floor``.
 ``--freezing`` turns on Inductor's freezing (weights folded as constants) for every compiled
 contender, ``--channels-last`` runs every contender on a channels_last copy of the model.
 
@@ -18,14 +18,15 @@ Part ``stream``: :func:`fastxai.stream.explain_stream` over ``--images`` random 
 (eager), batch 1, 8 and 32: images per second (median of rounds), and at batch 1 the per-call
 latency percentiles p50 / p95; ``--tft`` adds Grad-CAM + TFT at batch 8.
 
-Run ``python benchmarks/production.py [--only compile,stream] [--repeats R] [--out FILE]``; wrap
-it in ``flock /tmp/fastxai-bench.lock`` on a shared machine.
+Run ``python benchmarks/production.py [--only compile,stream] [--repeats R]``; wrap it in
+``flock /tmp/fastxai-bench.lock`` on a shared machine. The rows go to tables ``compile`` and
+``stream`` of ``benchmarks/results/production.json`` (``--results``), rendered by
+``benchmarks/tables.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import os
 import statistics
@@ -39,7 +40,7 @@ from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cam_methods import (
+from _contenders import (
     SIZE,
     THREADS,
     Contender,
@@ -49,8 +50,8 @@ from cam_methods import (
     torchvision_model,
     vjp_floor,
 )
+from _results import Results, add_results_option
 
-import fastxai
 from fastxai.capture import get_split
 from fastxai.nn import Explainer
 from fastxai.stream import explain_stream
@@ -84,7 +85,33 @@ def compiled_explainer(model: nn.Module, x: Tensor) -> tuple[Contender, float]:
     return Contender("compiled", lambda: compiled(x)[1].maps), time.perf_counter() - start
 
 
-def compile_rows(model: nn.Module, x: Tensor, repeats: int) -> dict[str, Any]:
+COMPILE_COLUMNS = [
+    ("batch", "N"),
+    ("memory_format", "memory format"),
+    ("eager_floor", "eager floor ms"),
+    ("eager_ms", "eager ms", "{:.0f}"),
+    ("compiled_floor_ms", "compiled floor ms", "{:.0f}"),
+    ("compiled_ms", "compiled ms", "{:.0f}"),
+    ("compiled_vs_eager_floor", "compiled / eager floor", "{:.3g}"),
+    ("compiled_vs_compiled_floor", "compiled / compiled floor", "{:.3g}"),
+    ("eager_vs_eager_floor", "eager / eager floor", "{:.3g}"),
+    ("compile_s", "compile s (floor / explainer)"),
+    ("max_diff", "max abs diff", "{:.1e}"),
+    ("cpu", "CPU/wall", "{:.2f}"),
+    ("trusted", "trusted"),
+    ("load", "load 1m", "{:.2f}"),
+]
+STREAM_COLUMNS = [
+    ("method", "method"),
+    ("batch", "batch"),
+    ("images_per_s", "images/s", "{:.3g}"),
+    ("latency", "batch-1 latency"),
+    ("cpu", "CPU/wall", "{:.2f}"),
+    ("load", "load 1m", "{:.2f}"),
+]
+
+
+def compile_row(model: nn.Module, x: Tensor, repeats: int, memory_format: str) -> dict[str, Any]:
     eager = Explainer(model, LAYER)
     floor_c, floor_compile_s = compiled_floor(model, x)
     explain_c, explain_compile_s = compiled_explainer(model, x)
@@ -96,22 +123,27 @@ def compile_rows(model: nn.Module, x: Tensor, repeats: int) -> dict[str, Any]:
         explain_c,
     ]
     m = measure(contenders, repeats)
-    floor_name, floor_kind = pick_floor(m)
+    floor_name, _ = pick_floor(m)
+    other = "floor_hook" if floor_name == "floor_vjp" else "floor_vjp"
+    eager_floor = (
+        f"{m.median_ms(floor_name):.0f} ({floor_name[6:]}; {other[6:]} {m.median_ms(other):.0f})"
+    )
     error = (m.outputs["compiled"] - m.outputs["eager"]).abs().max().item()
+    trusted, total = m.trusted_count("compiled")
     return {
         "batch": x.shape[0],
-        "eager floor ms": m.median_ms(floor_name),
-        "floor kind": floor_kind,
-        "eager ms": m.median_ms("eager"),
-        "compiled floor ms": m.median_ms("compiled floor"),
-        "compiled ms": m.median_ms("compiled"),
-        "compiled / eager floor": m.paired_ratio("compiled", floor_name),
-        "compiled / compiled floor": m.paired_ratio("compiled", "compiled floor"),
-        "eager / eager floor": m.paired_ratio("eager", floor_name),
-        "compile s (floor, explainer)": (floor_compile_s, explain_compile_s),
-        "max |compiled - eager|": error,
-        "cpu/wall": m.cpu_ratio("compiled"),
-        "trusted": m.trusted_count("compiled"),
+        "memory_format": memory_format,
+        "eager_floor": eager_floor,
+        "eager_ms": m.median_ms("eager"),
+        "compiled_floor_ms": m.median_ms("compiled floor"),
+        "compiled_ms": m.median_ms("compiled"),
+        "compiled_vs_eager_floor": m.paired_ratio("compiled", floor_name),
+        "compiled_vs_compiled_floor": m.paired_ratio("compiled", "compiled floor"),
+        "eager_vs_eager_floor": m.paired_ratio("eager", floor_name),
+        "compile_s": f"{floor_compile_s:.2g} / {explain_compile_s:.2g}",
+        "max_diff": error,
+        "cpu": m.cpu_ratio("compiled"),
+        "trusted": f"{trusted}/{total}",
         "load": m.load(),
     }
 
@@ -119,6 +151,7 @@ def compile_rows(model: nn.Module, x: Tensor, repeats: int) -> dict[str, Any]:
 def stream_rows(
     model: nn.Module, count: int, repeats: int, batches: list[int], tft: bool
 ) -> list[dict[str, Any]]:
+    """``explain_stream`` throughput per batch size; latency percentiles at batch 1."""
     gen = torch.Generator().manual_seed(1)
     images = torch.randn(count, 3, SIZE, SIZE, generator=gen)
     rows = []
@@ -135,35 +168,23 @@ def stream_rows(
             rates.append(count / wall)
             ratios.append(cpu / wall)
             latencies += [b - a for a, b in itertools.pairwise(stamps)]
-        row = {
-            "method": "gradcam+tft" if tft else "gradcam",
-            "batch": batch,
-            "images/s": statistics.median(rates),
-            "cpu/wall": statistics.median(ratios),
-            "load": os.getloadavg()[0],
-        }
+        latency = ""
         if batch == 1:
             ordered = sorted(latencies)
-            row["p50 ms"] = 1e3 * ordered[len(ordered) // 2]
-            row["p95 ms"] = 1e3 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
-        rows.append(row)
-        print(row, file=sys.stderr, flush=True)
+            p50 = 1e3 * ordered[len(ordered) // 2]
+            p95 = 1e3 * ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+            latency = f"p50 {p50:.0f} ms, p95 {p95:.0f} ms"
+        rows.append(
+            {
+                "method": "gradcam+tft" if tft else "gradcam",
+                "batch": batch,
+                "images_per_s": statistics.median(rates),
+                "latency": latency,
+                "cpu": statistics.median(ratios),
+                "load": os.getloadavg()[0],
+            }
+        )
     return rows
-
-
-def fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}" if value < 10 else f"{value:.0f}"
-    if isinstance(value, tuple):
-        return " / ".join(fmt(v) for v in value)
-    return str(value)
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(fmt(row.get(k, "")) for k in keys) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--freezing", action="store_true", help="Inductor freezing on")
     parser.add_argument("--channels-last", action="store_true", help="channels_last model/input")
     parser.add_argument("--tft", action="store_true", help="stream: also Grad-CAM + TFT, batch 8")
-    parser.add_argument("--out", default=None, help="also write the tables here")
+    add_results_option(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)
     warnings.filterwarnings("ignore")
@@ -186,34 +207,25 @@ def main(argv: list[str] | None = None) -> int:
     model = torchvision_model(args.model)
     fmt_ = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt_)
-    start_load = os.getloadavg()[0]
-    text = []
+    results = Results(__file__, args.results)
     if "compile" in only:
+        results.table("compile", COMPILE_COLUMNS)
         gen = torch.Generator().manual_seed(0)
-        rows = []
         for n in [int(b) for b in args.batches.split(",")]:
             x = torch.randn(n, 3, SIZE, SIZE, generator=gen).contiguous(memory_format=fmt_)
-            rows.append(compile_rows(model, x, args.repeats))
-            print(rows[-1], file=sys.stderr, flush=True)
-        text.append(table(rows))
+            format_name = "channels_last" if args.channels_last else "contiguous"
+            results.add("compile", compile_row(model, x, args.repeats, format_name))
+            print(results.data["tables"]["compile"]["rows"][-1], file=sys.stderr, flush=True)
     if "stream" in only:
+        results.table("stream", STREAM_COLUMNS)
         rows = stream_rows(model, args.images, args.repeats, [1, 8, 32], tft=False)
         if args.tft:
             rows += stream_rows(model, args.images // 4, args.repeats, [8], tft=True)
-        text.append(table(rows))
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    command = "python benchmarks/production.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    footer = (
-        f"{stamp}; torch {torch.__version__}, {THREADS} threads, {os.cpu_count()} cores; "
-        f"fastxai ext {fastxai.has_extension()}; load at start {start_load:.2f}, at end "
-        f"{os.getloadavg()[0]:.2f}; freezing {args.freezing}; channels_last "
-        f"{args.channels_last}; `{command.strip()}`"
-    )
-    report = "\n\n".join([*text, footer]) + "\n"
-    print(report)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(report)
+        for row in rows:
+            results.add("stream", row)
+            print(row, file=sys.stderr, flush=True)
+    results.finish()
+    print("\n\n".join(results.markdown(name) for name in results.data["tables"]))
     return 0
 
 

@@ -19,7 +19,8 @@ the input). torch's CPU allocator keeps no statistics of its own, and ``tracemal
 see its allocations.
 
 Run ``python benchmarks/srd.py [--model resnet50] [--size 224] [--batches 1 8] [--repeats 5]``;
-``--quick`` is 3 repeats. Progress goes to stderr, the Markdown table to stdout.
+``--quick`` is 3 repeats. Progress goes to stderr, the Markdown table to stdout, the rows to
+``benchmarks/results/srd.json`` (``--results``), rendered by ``benchmarks/tables.py``.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from _results import Results, add_results_option  # noqa: E402
 from _timing import (  # noqa: E402
     Sample,
     interleave,
@@ -56,7 +58,17 @@ from _timing import (  # noqa: E402
 from fastxai.decomposition import srd  # noqa: E402
 
 THREADS = 2
-TARGET_RATIO = 3.0
+COLUMNS = [
+    ("model", "model"),
+    ("batch", "batch"),
+    ("floor_ms", "floor ms", "{:.0f}"),
+    ("srd_ms", "srd ms", "{:.0f}"),
+    ("ratio", "srd/floor", "{:.2f}x"),
+    ("peak_mb", "peak MB floor / srd"),
+    ("load", "load", "{:.2f}"),
+    ("cpu", "cpu/wall"),
+    ("trusted", "trusted rounds"),
+]
 
 
 def build_model(name: str) -> nn.Module:
@@ -165,6 +177,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="3 repeats")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probes")
     parser.add_argument("--probe", choices=["floor", "srd"], help=argparse.SUPPRESS)
+    add_results_option(parser)
     args = parser.parse_args()
     if args.probe:
         probe_memory(args.probe, args.model, args.size, args.batches[0])
@@ -177,37 +190,34 @@ def main() -> None:
         f"repeats {repeats}, load at start {os.getloadavg()[0]:.2f}",
         file=sys.stderr,
     )
-    rows = []
+    results = Results(__file__, args.results)
+    results.table("main", COLUMNS)
     for batch in args.batches:
         x = torch.randn(batch, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
         print(f"batch {batch}", file=sys.stderr)
-        timing = time_interleaved(model, x, repeats)
-        memory = (
-            {}
-            if args.no_memory
-            else {
-                name: measure_memory(name, args.model, args.size, batch)
-                for name in ("floor", "srd")
-            }
+        t = time_interleaved(model, x, repeats)
+        peak = "-"
+        if not args.no_memory:
+            floor_mb, srd_mb = (
+                measure_memory(name, args.model, args.size, batch) for name in ("floor", "srd")
+            )
+            peak = " / ".join("-" if v is None else f"{v:.0f}" for v in (floor_mb, srd_mb))
+        results.add(
+            "main",
+            {
+                "model": f"{args.model} {args.size}",
+                "batch": batch,
+                "floor_ms": t["floor"]["ms"],
+                "srd_ms": t["srd"]["ms"],
+                "ratio": t["ratio"],
+                "peak_mb": peak,
+                "load": t["srd"]["load"],
+                "cpu": f"{t['floor']['cpu_per_wall']:.2f}/{t['srd']['cpu_per_wall']:.2f}",
+                "trusted": t["rounds"],
+            },
         )
-        rows.append((batch, timing, memory))
-
-    def mb(value: float | None) -> str:
-        return "-" if value is None else f"{value:.0f}"
-
-    print(
-        f"| model | batch | floor ms | srd ms | srd / floor (target <= {TARGET_RATIO:g}) "
-        "| trusted rounds | cpu/wall floor, srd | load | peak MB floor | peak MB srd |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for batch, t, m in rows:
-        floor, ours = t["floor"], t["srd"]
-        print(
-            f"| {args.model} {args.size} | {batch} | {floor['ms']:.0f} | {ours['ms']:.0f} "
-            f"| {t['ratio']:.2f}x | {t['rounds']} "
-            f"| {floor['cpu_per_wall']:.2f}, {ours['cpu_per_wall']:.2f} "
-            f"| {ours['load']:.2f} | {mb(m.get('floor'))} | {mb(m.get('srd'))} |"
-        )
+    results.finish()
+    print(results.markdown("main"))
 
 
 if __name__ == "__main__":

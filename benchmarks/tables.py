@@ -7,9 +7,10 @@ A document marks each generated table with two HTML comments (invisible once ren
     <!-- /table -->
 
 ``cam_methods/main`` is table ``main`` of ``benchmarks/results/cam_methods.json``; an optional
-``columns=key,key`` after the name keeps those columns only, and ``rows=key:value`` only the
-rows whose ``key`` equals ``value``. Run ``python benchmarks/tables.py`` after a benchmark run to
-update every document, or ``--check`` to fail when a document is out of date (the tests do).
+``columns=key,key`` after the name keeps those columns only, and ``rows=key:value`` (or
+``rows=key:value,value``) only the rows whose ``key`` equals one of the values. Run
+``python benchmarks/tables.py`` after a benchmark run to update every document, or ``--check``
+to fail when a document is out of date (the tests do).
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def _select(table: dict[str, Any], options: dict[str, str], where: str) -> dict[
             raise ValueError(f"{where}: unknown columns {unknown}; the table has {keys}")
         selected["columns"] = [c for key in wanted for c in table["columns"] if c[0] == key]
     if "rows" in options:
-        key, _, value = options["rows"].partition(":")
-        selected["rows"] = [row for row in table["rows"] if str(row.get(key)) == value]
+        key, _, values = options["rows"].partition(":")
+        wanted = values.split(",")
+        selected["rows"] = [row for row in table["rows"] if str(row.get(key)) in wanted]
     return selected
 
 

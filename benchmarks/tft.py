@@ -7,23 +7,24 @@ torchcam 0.5.0 give the map; a Python loop over the 10 thresholds then masks the
 one forward per threshold (what a user of those libraries writes). Same harness as
 ``cam_methods.py``: interleaved rounds, medians, load and CPU/wall recorded.
 
-Run ``python benchmarks/tft.py [--quick] [--repeats R] [--out FILE]``.
+Run ``python benchmarks/tft.py [--quick] [--repeats R]``; the rows go to
+``benchmarks/results/tft.json`` (``--results``), rendered by ``benchmarks/tables.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from cam_methods import (
+from _contenders import (
     SIZE,
     THREADS,
     Contender,
@@ -35,6 +36,7 @@ from cam_methods import (
     torchvision_model,
     vjp_floor,
 )
+from _results import Results, add_results_option
 
 import fastxai
 from fastxai._batching import rows_per_batch
@@ -73,7 +75,23 @@ def with_threshold_loop(inner: Contender, model: nn.Module, x: Tensor) -> Conten
     return Contender(inner.name, run, inner.setup, inner.teardown)
 
 
-def tft_row(model: nn.Module, x: Tensor, repeats: int) -> str:
+COLUMNS = [
+    ("method", "method"),
+    ("where", "model/layer"),
+    ("batch", "N"),
+    ("fastxai_ms", "fastxai ms", "{:.0f}"),
+    ("floor_ms", "floor ms", "{:.0f}"),
+    ("floor_kind", "gradient floor"),
+    ("fx_ratio", "fastxai/floor"),
+    ("pgc_ratio", "pgc+loop/floor"),
+    ("tc_ratio", "torchcam+loop/floor"),
+    ("load", "load 1m", "{:.2f}"),
+    ("cpu", "CPU/wall", "{:.2f}"),
+    ("rpi_agrees", "RPI = pgc+loop (1e-4)"),
+]
+
+
+def tft_row(model: nn.Module, x: Tensor, repeats: int) -> dict[str, Any]:
     maps = fastxai.gradcam(model, x, LAYER).maps
     masked = ladder_batch(maps, x)
     grad_hook, grad_vjp = hook_floor(model, LAYER, x), vjp_floor(model, LAYER, x)
@@ -99,49 +117,45 @@ def tft_row(model: nn.Module, x: Tensor, repeats: int) -> str:
     floor, kind = pick_floor(m)
     agree = torch.allclose(m.outputs["fastxai"].rpi, m.outputs["pgc"], atol=1e-4)
 
-    def ratio(name: str) -> str:
+    def ratio(name: str) -> str | None:
         r = m.paired_ratio(name, floor)
-        return "-" if r is None else f"{r:.2f}x"
+        return None if r is None else f"{r:.2f}x"
 
-    return (
-        f"| gradcam tft=True | resnet50 {LAYER} | {x.shape[0]} | {m.median_ms('fastxai'):.0f} "
-        f"| {m.median_ms(floor):.0f} | {kind} | {ratio('fastxai')} | {ratio('pgc')} "
-        f"| {ratio('torchcam')} | {m.load():.2f} | {m.cpu_ratio('fastxai'):.2f} "
-        f"| {'yes' if agree else 'NO'} |"
-    )
-
-
-HEADER = (
-    "| method | model/layer | N | fastxai ms | floor ms | gradient floor | fastxai/floor "
-    "| pgc+loop/floor | torchcam+loop/floor | load 1m | CPU/wall | RPI = pgc+loop (1e-4) |\n"
-    "|---|---|---|---|---|---|---|---|---|---|---|---|"
-)
+    return {
+        "method": "gradcam tft=True",
+        "where": f"resnet50 {LAYER}",
+        "batch": x.shape[0],
+        "fastxai_ms": m.median_ms("fastxai"),
+        "floor_ms": m.median_ms(floor),
+        "floor_kind": kind,
+        "fx_ratio": ratio("fastxai"),
+        "pgc_ratio": ratio("pgc"),
+        "tc_ratio": ratio("torchcam"),
+        "load": m.load(),
+        "cpu": m.cpu_ratio("fastxai"),
+        "rpi_agrees": "yes" if agree else "NO",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 repeats instead of 5")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--out", type=str, default=None)
+    add_results_option(parser)
     args = parser.parse_args(argv)
     repeats = args.repeats or (2 if args.quick else 5)
     torch.set_num_threads(THREADS)
     warnings.filterwarnings("ignore")
+    results = Results(__file__, args.results)
+    results.table("main", COLUMNS)
     model = torchvision_model("resnet50")
     gen = torch.Generator().manual_seed(0)
-    rows = []
     for n in (1, 8):
-        rows.append(tft_row(model, torch.randn(n, 3, SIZE, SIZE, generator=gen), repeats))
-        print(rows[-1], file=sys.stderr, flush=True)
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    text = (
-        f"{HEADER}\n" + "\n".join(rows) + f"\n\n{stamp}; torch {torch.__version__}, {THREADS} "
-        f"threads, {os.cpu_count()} cores, no GPU; {repeats} repeats; `python benchmarks/tft.py`\n"
-    )
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+        row = tft_row(model, torch.randn(n, 3, SIZE, SIZE, generator=gen), repeats)
+        results.add("main", row)
+        print(" | ".join(str(v) for v in row.values()), file=sys.stderr, flush=True)
+    results.finish()
+    print(results.markdown("main"))
     return 0
 
 

@@ -15,7 +15,8 @@ rise of the process's peak resident set (``VmHWM``, reset through ``/proc/self/c
 during one call, with glibc's ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB so that freed tensors
 leave the resident set (the script re-executes itself with it set).
 
-Run ``python benchmarks/tft_fused_path.py [--repeats R] [--threads 2]`` (Linux only).
+Run ``python benchmarks/tft_fused_path.py [--repeats R] [--threads 2]`` (Linux only); the rows go
+to ``benchmarks/results/tft_fused_path.json`` (``--results``), rendered by ``benchmarks/tables.py``.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ import argparse
 import functools
 import gc
 import os
-import platform
 import re
 import sys
 
 import torch
 import torchvision
+from _results import Results, add_results_option
 from _timing import interleave, median_ms, paired_ratio, trusted_count
 
 import fastxai
@@ -39,6 +40,15 @@ from fastxai.thresholding import PAPER_THRESHOLDS, selected_masks
 
 MMAP_THRESHOLD = "65536"
 LAYER = "layer4"
+COLUMNS = [
+    ("batch", "batch"),
+    ("separate_ms", "separate ops ms", "{:.1f}"),
+    ("fused_ms", "fused ms", "{:.1f}"),
+    ("ratio", "fused / separate", "{:.3f}x"),
+    ("trusted", "trusted"),
+    ("peak_separate_mib", "peak rise separate MiB", "{:.1f}"),
+    ("peak_fused_mib", "peak rise fused MiB", "{:.1f}"),
+]
 
 
 def separate_ops(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -91,25 +101,20 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", default="1,8", help="batch sizes")
+    add_results_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = torchvision.models.resnet50().eval()
-    print(
-        f"# {platform.processor() or platform.machine()}, {args.threads} threads, torch "
-        f"{torch.__version__}, {ops.extension_status()}"
-    )
-    print(
-        "| batch | separate ops ms | fused ms | fused / separate | trusted | "
-        "peak rise separate MiB | peak rise fused MiB |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for batch in (1, 8):
+    print(f"# {ops.extension_status()}", file=sys.stderr)
+    results = Results(__file__, args.results)
+    results.table("main", COLUMNS)
+    for batch in (int(b) for b in args.batches.split(",")):
         x = torch.randn(batch, 3, 224, 224)
         want, got = separate_ops(model, x), fused(model, x)
         for key in want:
             torch.testing.assert_close(got[key], want[key], atol=1e-6, rtol=0)
-        memory = {"separate": [], "fused": []}
         contenders = {
             "separate": functools.partial(separate_ops, model, x),
             "fused": functools.partial(fused, model, x),
@@ -119,14 +124,19 @@ def main() -> int:
             for name, run in contenders.items():
                 memory[name].append(peak_rise_mib(run))
         samples = interleave(contenders, args.repeats)
-        ratio = paired_ratio(samples["fused"], samples["separate"], args.threads)
-        print(
-            f"| {batch} | {median_ms(samples['separate'], args.threads):.1f} | "
-            f"{median_ms(samples['fused'], args.threads):.1f} | {ratio:.3f}x | "
-            f"{trusted_count(samples['fused'], samples['separate'], args.threads)} | "
-            f"{min(memory['separate']):.1f} | {min(memory['fused']):.1f} |",
-            flush=True,
-        )
+        row = {
+            "batch": batch,
+            "separate_ms": median_ms(samples["separate"], args.threads),
+            "fused_ms": median_ms(samples["fused"], args.threads),
+            "ratio": paired_ratio(samples["fused"], samples["separate"], args.threads),
+            "trusted": trusted_count(samples["fused"], samples["separate"], args.threads),
+            "peak_separate_mib": min(memory["separate"]),
+            "peak_fused_mib": min(memory["fused"]),
+        }
+        results.add("main", row)
+        print(row, file=sys.stderr, flush=True)
+    results.finish()
+    print(results.markdown("main"))
     return 0
 
 

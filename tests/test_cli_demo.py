@@ -260,31 +260,6 @@ def test_default_layer_of_a_vgg_style_model_is_the_last_relu_of_features() -> No
     assert default_layer("vit_b_16", model) is None
 
 
-# --- fastxai bench -------------------------------------------------------------------------
-
-
-def test_bench_without_the_script_prints_one_error_line(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setattr(cli, "BENCHMARK_SCRIPT", tmp_path / "cam_methods.py")
-    status, _, stderr = run_cli(["bench"], capsys)
-    assert status == 1
-    assert "cam_methods.py" in stderr and "missing" in stderr
-
-
-def test_bench_runs_the_script_with_its_arguments(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    script = tmp_path / "cam_methods.py"
-    record = tmp_path / "argv.txt"
-    script.write_text(
-        f"import sys\nopen({str(record)!r}, 'w').write(' '.join(sys.argv[1:]))\nsys.exit(3)\n"
-    )
-    monkeypatch.setattr(cli, "BENCHMARK_SCRIPT", script)
-    assert cli.main(["bench", "--quick", "x"]) == 3
-    assert record.read_text() == "--quick x"
-
-
 # --- EfficientNet-Lite0 and the demo (need the demo extras) ---------------------------------
 
 

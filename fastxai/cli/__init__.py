@@ -1,5 +1,4 @@
-"""The ``fastxai`` command: ``demo``, ``explain``, ``explain-dataset``, ``bench``, ``aft`` and
-``selftest``.
+"""The ``fastxai`` command: ``demo``, ``explain``, ``explain-dataset``, ``aft`` and ``selftest``.
 
 Bad input (a missing image, an unknown method, model or layer) prints one line on stderr and
 exits with status 2; missing optional packages exit with status 1.
@@ -8,8 +7,6 @@ exits with status 2; missing optional packages exit with status 1.
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,8 +32,6 @@ if TYPE_CHECKING:
     from fastxai.models import LoadedModel
 
 AM_METHOD = "am"
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BENCHMARK_SCRIPT = REPO_ROOT / "benchmarks" / "cam_methods.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{demo,explain,explain-dataset,bench,aft,selftest}",
+        metavar="{demo,explain,explain-dataset,aft,selftest}",
         parser_class=OneLineParser,
     )
 
@@ -157,9 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
         "<stem>_<method>_tft.png (the kept pixels) and <stem>_<method>_rpi.png (RPI vs threshold)",
     )
 
-    commands.add_parser(
-        "bench", help="run benchmarks/cam_methods.py; every later argument is passed on to it"
-    )
     from fastxai.cli.aft import add_parser as add_aft_parser
     from fastxai.cli.dataset import add_parser as add_explain_dataset_parser
 
@@ -375,20 +367,6 @@ def run_explain_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_bench_command(args: argparse.Namespace) -> int:
-    """Run the benchmark script in a fresh interpreter; its exit status is ours."""
-    if not BENCHMARK_SCRIPT.is_file():
-        raise CliError(
-            f"{BENCHMARK_SCRIPT} is missing (it ships in the source repository, not in "
-            "the installed package)",
-            ENVIRONMENT_ERROR,
-        )
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
-    command = [sys.executable, str(BENCHMARK_SCRIPT), *args.passthrough]
-    return subprocess.run(command, env=env, check=False).returncode
-
-
 def run_explain_dataset_command(args: argparse.Namespace) -> int:
     from fastxai.cli.dataset import run_explain_dataset_command as run
 
@@ -411,7 +389,6 @@ COMMANDS = {
     "demo": run_demo_command,
     "explain": run_explain_command,
     "explain-dataset": run_explain_dataset_command,
-    "bench": run_bench_command,
     "aft": run_aft_command,
     "selftest": run_selftest_command,
 }
@@ -420,14 +397,10 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fastxai`` command; returns the exit status."""
     arguments = list(sys.argv[1:] if argv is None else argv)
-    # Everything after "bench" belongs to the benchmark script (argparse.REMAINDER in a
-    # subparser would stop at the first option-like argument).
-    passthrough = arguments[1:] if arguments[:1] == ["bench"] else []
     try:
-        args = build_parser().parse_args(arguments[:1] if passthrough else arguments)
+        args = build_parser().parse_args(arguments)
     except SystemExit as exc:  # usage errors and --help: return the status instead of exiting
         return exc.code if isinstance(exc.code, int) else USAGE_ERROR
-    args.passthrough = passthrough
     try:
         return COMMANDS[args.command](args)
     except CliError as exc:
