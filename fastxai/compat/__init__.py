@@ -12,9 +12,10 @@ Classes: ``GradCAM``, ``GradCAMPlusPlus``, ``XGradCAM``, ``LayerCAM``, ``HiResCA
 ``get_cam_weights`` or ``get_cam_image``, as in pytorch-grad-cam). Helpers:
 :mod:`fastxai.compat.utils.model_targets`, :mod:`fastxai.compat.utils.image` and
 :mod:`fastxai.compat.utils.reshape_transforms`; metrics: :mod:`fastxai.compat.metrics`; deep
-feature factorisation: :mod:`fastxai.compat.feature_factorization` (``DeepFeatureFactorization``
-and ``dff``, scikit-learn's NMF computed in float64 without scikit-learn). Not provided:
-``RefineCAM``, ``SESS``, ``run_dff_on_image`` and ``show_factorization_on_image``.
+feature factorisation: :mod:`fastxai.compat.feature_factorization` (``DeepFeatureFactorization``,
+``dff`` and ``run_dff_on_image``, scikit-learn's NMF computed in float64 without scikit-learn;
+``show_factorization_on_image`` and ``create_labels_legend`` in
+:mod:`fastxai.compat.utils.image`, without OpenCV). Not provided: ``RefineCAM`` and ``SESS``.
 ``AblationCAM`` takes ``ratio_channels_to_ablate`` (pytorch-grad-cam's channel selection),
 ``reshape_transform`` (token outputs: each channel is zeroed at every token) and the ablation
 layers of :mod:`fastxai.compat.ablation_layer` or pytorch-grad-cam, read by class name
@@ -53,6 +54,13 @@ Differences, all deliberate:
   (pytorch-grad-cam swaps them for modules and leaves non-in-place ``nn.ReLU`` behind), never
   moves the model (a ``device`` other than the model's is an error) and refuses a
   ``target_category`` that is not a class index;
+- ``show_factorization_on_image`` leaves ``explanations`` and matplotlib's settings as they are
+  (pytorch-grad-cam zeroes each map in place and sets ``legend.fontsize`` globally), takes its
+  default colours from ``matplotlib.colormaps`` (pytorch-grad-cam's ``matplotlib.cm.get_cmap``
+  is gone from matplotlib 3.9) and converts HSV to RGB as OpenCV 5's vectorised code does,
+  truncating: OpenCV's scalar code, which it uses for the last (width mod 32) pixels of each
+  row, rounds there, one level higher at most; ``run_dff_on_image``'s ``reshape_transform``
+  defaults to ``None`` (pytorch-grad-cam's default is a typing object that fails when called);
 - ``compute_input_gradient`` and ``detach`` are accepted; the first changes nothing (no method
   needs the input's gradient), the second only decides whether the subclass hooks receive
   NumPy arrays or tensors.
@@ -76,6 +84,7 @@ from fastxai.compat.cams import (
     ShapleyCAM,
     XGradCAM,
 )
+from fastxai.compat.feature_factorization import DeepFeatureFactorization, run_dff_on_image
 from fastxai.compat.finer_cam import FinerCAM
 from fastxai.compat.fullgrad import FullGrad
 from fastxai.compat.guided_backprop import GuidedBackpropReLUModel
@@ -85,6 +94,7 @@ __all__ = [
     "KPCA_CAM",
     "AblationCAM",
     "BaseCAM",
+    "DeepFeatureFactorization",
     "EigenCAM",
     "EigenGradCAM",
     "FinerCAM",
@@ -100,4 +110,5 @@ __all__ = [
     "SegEigenCAM",
     "ShapleyCAM",
     "XGradCAM",
+    "run_dff_on_image",
 ]
