@@ -88,10 +88,13 @@ from fastxai.compat.feature_factorization import DeepFeatureFactorization, run_d
 from fastxai.compat.finer_cam import FinerCAM
 from fastxai.compat.fullgrad import FullGrad
 from fastxai.compat.guided_backprop import GuidedBackpropReLUModel
+from fastxai.compat.refine_cam import RefineCAM
+from fastxai.compat.sess import SESS
 
 __all__ = [
     "FEM",
     "KPCA_CAM",
+    "SESS",
     "AblationCAM",
     "BaseCAM",
     "DeepFeatureFactorization",
@@ -106,6 +109,7 @@ __all__ = [
     "HiResCAM",
     "LayerCAM",
     "RandomCAM",
+    "RefineCAM",
     "ScoreCAM",
     "SegEigenCAM",
     "ShapleyCAM",
