@@ -3,7 +3,8 @@ changed to ``fastxai.compat``.
 
 Each pattern is the code of pytorch-grad-cam 1.5.7's README, ``cam.py`` or a tutorial (Grad-CAM on a
 classifier, every method of ``cam.py``, smoothing, guided backprop, a ViT and a Swin with their
-reshape transforms, semantic segmentation, object detection, Eigen-CAM on a detector, the metrics),
+reshape transforms, semantic segmentation, object detection, Eigen-CAM on a detector, deep feature
+factorization, the metrics, RefineCAM and SESS),
 written once against a module prefix: ``pytorch_grad_cam`` or ``fastxai.compat``. The models are
 torchvision's with random weights (the tutorials' timm and torch.hub models need downloads;
 torchvision's ViT-B/16 and Swin-T take the same transforms). A pattern "works" when the fastxai run
@@ -284,6 +285,49 @@ def deep_feature_factorization(prefix: str) -> list[np.ndarray]:
     return [concepts, batch_explanations[0], concept_outputs]
 
 
+def run_dff_picture(prefix: str) -> list[np.ndarray]:
+    """``run_dff_on_image`` on a classifier with Hugging Face style class names (its default
+    ``reshape_transform`` fails in pytorch-grad-cam, so ``None`` is passed, and its default
+    colours call ``matplotlib.cm.get_cmap``, gone since matplotlib 3.9: given back here)."""
+    import types
+
+    import matplotlib
+    from PIL import Image
+
+    if not hasattr(matplotlib.cm, "get_cmap"):
+        matplotlib.cm.get_cmap = matplotlib.colormaps.get_cmap
+    factorization = lib(prefix, "feature_factorization.deep_feature_factorization")
+    net = model("resnet50")
+    net.config = types.SimpleNamespace(id2label={i: f"class {i}" for i in range(1000)})
+    rgb, input_tensor = image(size=160)
+    picture = Image.fromarray(np.uint8(rgb * 255))
+    with matplotlib.rc_context():
+        result = factorization.run_dff_on_image(
+            net, net.layer4, net.fc, picture, input_tensor[0], None, 4, 2
+        )
+    return [result.astype(np.float32)]
+
+
+# ------------------------------------------------------------------------------------------
+# pytorch-grad-cam 1.5.7's meta-methods: RefineCAM (one CAM per layer, multiplied) and SESS
+# (sliding windows over several scales); small settings keep SESS short
+# ------------------------------------------------------------------------------------------
+def refine_cam(prefix: str) -> list[np.ndarray]:
+    cams = lib(prefix)
+    net = model("resnet18")
+    _, input_tensor = image(size=160)
+    cam = cams.RefineCAM(model=net, target_layers=[net.layer2, net.layer3, net.layer4])
+    return [cam(input_tensor, targets=None)]
+
+
+def sess(prefix: str) -> list[np.ndarray]:
+    cams = lib(prefix)
+    net = model("resnet18")
+    _, input_tensor = image(size=128)
+    with cams.SESS(model=net, target_layers=[net.layer4], num_scales=3) as cam:
+        return [cam(input_tensor, targets=None)]
+
+
 # ------------------------------------------------------------------------------------------
 # Tutorial: metrics (CAM-multiplied confidence, ROAD)
 # ------------------------------------------------------------------------------------------
@@ -315,6 +359,9 @@ PATTERNS = [
     Pattern("detection-gradcam", "tutorial", detection_with("GradCAM")),
     Pattern("detection-ablationcam", "tutorial", detection_ablation),
     Pattern("deep-feature-factorization", "tutorial", deep_feature_factorization),
+    Pattern("run-dff-on-image", "tutorial", run_dff_picture),
+    Pattern("refine-cam", "refine_cam.py", refine_cam),
+    Pattern("sess", "sess.py", sess),
     Pattern("metrics", "tutorial", metrics),
 ]
 

@@ -9,12 +9,18 @@ Classes: ``GradCAM``, ``GradCAMPlusPlus``, ``XGradCAM``, ``LayerCAM``, ``HiResCA
 ``KPCA_CAM``, ``FEM``, ``RandomCAM``, ``ScoreCAM``, ``AblationCAM``, ``FinerCAM``, ``FullGrad``,
 ``GuidedBackpropReLUModel`` and ``BaseCAM`` (whose constructor takes ``compute_input_gradient``,
 ``uses_gradients``, ``tta_transforms`` and ``detach``, and whose subclasses may override
-``get_cam_weights`` or ``get_cam_image``, as in pytorch-grad-cam). Helpers:
+``get_cam_weights`` or ``get_cam_image``, as in pytorch-grad-cam); the meta-methods
+``RefineCAM`` (the product of one CAM per layer) and ``SESS`` (CAMs of sliding windows over
+several scales, fused), each around any of these classes; ``DeepFeatureFactorization`` and
+``run_dff_on_image``, importable from here as from pytorch-grad-cam. Helpers:
 :mod:`fastxai.compat.utils.model_targets`, :mod:`fastxai.compat.utils.image` and
 :mod:`fastxai.compat.utils.reshape_transforms`; metrics: :mod:`fastxai.compat.metrics`; deep
-feature factorisation: :mod:`fastxai.compat.feature_factorization` (``DeepFeatureFactorization``
-and ``dff``, scikit-learn's NMF computed in float64 without scikit-learn). Not provided:
-``RefineCAM``, ``SESS``, ``run_dff_on_image`` and ``show_factorization_on_image``.
+feature factorisation: :mod:`fastxai.compat.feature_factorization` (``DeepFeatureFactorization``,
+``dff`` and ``run_dff_on_image``, scikit-learn's NMF computed in float64 without scikit-learn;
+``show_factorization_on_image`` and ``create_labels_legend`` in
+:mod:`fastxai.compat.utils.image`, without OpenCV). Not provided: ``ActivationsAndGradients``
+(fastxai puts no hooks on the model), ``utils.svd_on_activations``, ``utils.find_layers``,
+``sobel_cam`` and ``ablation_cam_multilayer``.
 ``AblationCAM`` takes ``ratio_channels_to_ablate`` (pytorch-grad-cam's channel selection),
 ``reshape_transform`` (token outputs: each channel is zeroed at every token) and the ablation
 layers of :mod:`fastxai.compat.ablation_layer` or pytorch-grad-cam, read by class name
@@ -53,6 +59,16 @@ Differences, all deliberate:
   (pytorch-grad-cam swaps them for modules and leaves non-in-place ``nn.ReLU`` behind), never
   moves the model (a ``device`` other than the model's is an error) and refuses a
   ``target_category`` that is not a class index;
+- ``show_factorization_on_image`` leaves ``explanations`` and matplotlib's settings as they are
+  (pytorch-grad-cam zeroes each map in place and sets ``legend.fontsize`` globally), takes its
+  default colours from ``matplotlib.colormaps`` (pytorch-grad-cam's ``matplotlib.cm.get_cmap``
+  is gone from matplotlib 3.9) and converts HSV to RGB as OpenCV 5's vectorised code does,
+  truncating: OpenCV's scalar code, which it uses for the last (width mod 32) pixels of each
+  row, rounds there, one level higher at most; ``run_dff_on_image``'s ``reshape_transform``
+  defaults to ``None`` (pytorch-grad-cam's default is a typing object that fails when called);
+- ``RefineCAM`` passes ``eigen_smooth`` to each layer's CAM as ``eigen_smooth``
+  (pytorch-grad-cam passes it in the place of ``aug_smooth``, so there it augments instead);
+  ``SESS`` runs the model in eval mode for its window scores too, and gives the modes back;
 - ``compute_input_gradient`` and ``detach`` are accepted; the first changes nothing (no method
   needs the input's gradient), the second only decides whether the subclass hooks receive
   NumPy arrays or tensors.
@@ -76,15 +92,20 @@ from fastxai.compat.cams import (
     ShapleyCAM,
     XGradCAM,
 )
+from fastxai.compat.feature_factorization import DeepFeatureFactorization, run_dff_on_image
 from fastxai.compat.finer_cam import FinerCAM
 from fastxai.compat.fullgrad import FullGrad
 from fastxai.compat.guided_backprop import GuidedBackpropReLUModel
+from fastxai.compat.refine_cam import RefineCAM
+from fastxai.compat.sess import SESS
 
 __all__ = [
     "FEM",
     "KPCA_CAM",
+    "SESS",
     "AblationCAM",
     "BaseCAM",
+    "DeepFeatureFactorization",
     "EigenCAM",
     "EigenGradCAM",
     "FinerCAM",
@@ -96,8 +117,10 @@ __all__ = [
     "HiResCAM",
     "LayerCAM",
     "RandomCAM",
+    "RefineCAM",
     "ScoreCAM",
     "SegEigenCAM",
     "ShapleyCAM",
     "XGradCAM",
+    "run_dff_on_image",
 ]

@@ -1,9 +1,10 @@
-"""Deep Feature Factorization: :class:`DeepFeatureFactorization` and :func:`dff`, at
-pytorch-grad-cam's module path."""
+"""Deep Feature Factorization: :class:`DeepFeatureFactorization`, :func:`dff` and
+:func:`run_dff_on_image`, at pytorch-grad-cam's module path."""
 
 from fastxai.compat.feature_factorization.deep_feature_factorization import (
     DeepFeatureFactorization,
     dff,
+    run_dff_on_image,
 )
 
-__all__ = ["DeepFeatureFactorization", "dff"]
+__all__ = ["DeepFeatureFactorization", "dff", "run_dff_on_image"]

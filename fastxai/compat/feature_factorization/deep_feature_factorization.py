@@ -13,10 +13,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from fastxai.capture import ReshapeTransform
 from fastxai.compat.feature_factorization.nmf import nmf
+from fastxai.compat.utils.factorization_image import (
+    create_labels_legend,
+    show_factorization_on_image,
+)
 from fastxai.compat.utils.image import scale_cam_image
 
 
@@ -92,3 +97,45 @@ class DeepFeatureFactorization:
             concept_tensors = torch.from_numpy(np.float32(concepts).T.copy())
             outputs = self.computation_on_concepts(concept_tensors).cpu().numpy()
         return concepts, maps, outputs
+
+
+def run_dff_on_image(
+    model: nn.Module,
+    target_layer: nn.Module,
+    classifier: Callable[[Tensor], Tensor],
+    img_pil: Image.Image,
+    img_tensor: Tensor,
+    reshape_transform: ReshapeTransform | None = None,
+    n_components: int = 5,
+    top_k: int = 2,
+) -> np.ndarray:
+    """pytorch-grad-cam's one-image Deep Feature Factorization picture: the image, its
+    concepts coloured on it (image weight 0.3) and a legend of each concept's ``top_k``
+    classes by the softmax of ``classifier`` on the concept, side by side: uint8 ``(H, 3W, 3)``.
+
+    ``img_tensor`` ``(C, H, W)`` is the model's input for ``img_pil`` (an RGB picture of the
+    same size); the class names are ``model.config.id2label`` (a Hugging Face model's).
+    ``reshape_transform`` defaults to ``None`` (pytorch-grad-cam's default is a typing object
+    that fails when called, so its users pass one).
+    """
+    labels = getattr(getattr(model, "config", None), "id2label", None)
+    if labels is None:
+        raise ValueError(
+            "model: run_dff_on_image names the classes from model.config.id2label (a Hugging "
+            "Face model's); give the model a config with id2label"
+        )
+    if not isinstance(img_tensor, Tensor) or img_tensor.dim() != 3:
+        raise ValueError("img_tensor must be a torch.Tensor (C, H, W): one image")
+    picture = np.array(img_pil)
+    factorization = DeepFeatureFactorization(
+        model, target_layer, reshape_transform, computation_on_concepts=classifier
+    )
+    _, maps, outputs = factorization(img_tensor[None], n_components)
+    scores = torch.softmax(torch.from_numpy(outputs), dim=-1).numpy()
+    visualization = show_factorization_on_image(
+        picture / 255,
+        maps[0],
+        image_weight=0.3,
+        concept_labels=create_labels_legend(scores, labels=labels, top_k=top_k),
+    )
+    return np.hstack((picture, visualization))

@@ -3,6 +3,8 @@
 Same names, arguments and outputs as pytorch-grad-cam 1.5.7. Where it calls OpenCV, fastxai
 computes the same thing itself: the JET colour table of ``cv2.applyColorMap`` as a formula, and
 ``cv2.resize`` (bilinear, half-pixel centres) through :func:`torch.nn.functional.interpolate`.
+:func:`show_factorization_on_image` and :func:`create_labels_legend` (Deep Feature
+Factorization's pictures) are in :mod:`.factorization_image`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from fastxai.compat.utils.factorization_image import (
+    create_labels_legend,
+    show_factorization_on_image,
+)
 
 COLORMAP_JET = 2  # OpenCV's constant for its JET colour map, pytorch-grad-cam's default
 
@@ -156,9 +163,11 @@ def scale_accross_batch_and_channels(tensor: Any, target_size: Sequence[int]) ->
 
 __all__ = [
     "COLORMAP_JET",
+    "create_labels_legend",
     "deprocess_image",
     "preprocess_image",
     "scale_accross_batch_and_channels",
     "scale_cam_image",
     "show_cam_on_image",
+    "show_factorization_on_image",
 ]
