@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import tempfile
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -222,7 +223,7 @@ def _exploding_transform(t: Tensor) -> Tensor:
 
 
 # Methods that never evaluate targets: they fail midway in the reshape_transform instead.
-CLASS_AGNOSTIC = ("eigencam", "kpcacam", "randomcam")
+CLASS_AGNOSTIC = ("eigencam", "fem", "kpcacam", "randomcam")
 
 
 def _class_agnostic_midway(name: str) -> Callable[[nn.Module, Tensor], Any]:
@@ -253,9 +254,45 @@ def _seeded_numpy(run: Run) -> Run:
     return seeded
 
 
+def _factorisation(m: nn.Module, x: Tensor, transform: Any = None) -> Any:
+    """Deep Feature Factorization with the model's head scoring the concepts."""
+    dff = compat.DeepFeatureFactorization(m, m.features, transform, lambda c: m.fc(c))
+    return dff(x, n_components=2)
+
+
+def _factorisation_picture(m: nn.Module, x: Tensor, transform: Any = None) -> Any:
+    """run_dff_on_image on the first image, as pytorch-grad-cam's tutorial calls it."""
+    picture = (x[0].detach().permute(1, 2, 0).clamp(-1, 1).numpy() + 1) / 2
+    return compat.run_dff_on_image(
+        m, m.features, lambda c: m.fc(c), picture, x[0], transform, n_components=2, top_k=1
+    )
+
+
+def _labelled_small_net() -> SmallNet:
+    """run_dff_on_image names classes from a Hugging Face style ``model.config.id2label``."""
+    model = small_net(3)
+    model.config = types.SimpleNamespace(id2label={i: f"class {i}" for i in range(NUM_CLASSES)})
+    return model
+
+
 def _compat_entry(name: str) -> Entry:
     cls = getattr(compat, name)
-    if name in ("EigenCAM", "KPCA_CAM"):
+    if name == "DeepFeatureFactorization":  # class-agnostic: fails midway in the transform
+        return Entry(
+            f"compat.{name}",
+            lambda m, x, t: _factorisation(m, x),
+            takes_targets=False,
+            midway=lambda m, x: _factorisation(m, x, _exploding_transform),
+        )
+    if name == "run_dff_on_image":
+        return Entry(
+            f"compat.{name}",
+            lambda m, x, t: _factorisation_picture(m, x),
+            takes_targets=False,
+            midway=lambda m, x: _factorisation_picture(m, x, _exploding_transform),
+            make_model=_labelled_small_net,
+        )
+    if name in ("EigenCAM", "FEM", "KPCA_CAM"):
         return Entry(
             f"compat.{name}",
             _compat(cls),

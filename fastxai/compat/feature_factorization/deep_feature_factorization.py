@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from fastxai._modes import buffers_kept
 from fastxai.capture import ReshapeTransform
 from fastxai.compat.feature_factorization.nmf import nmf
 from fastxai.compat.utils.factorization_image import (
@@ -68,7 +69,9 @@ class DeepFeatureFactorization:
 
         handle = self.target_layer.register_forward_hook(keep)
         try:
-            with torch.no_grad():
+            # a train-mode model runs as it is (batch statistics), as in pytorch-grad-cam, but
+            # no running statistic is written
+            with torch.no_grad(), buffers_kept(self.model):
                 self.model(input_tensor)
         finally:
             handle.remove()
@@ -93,7 +96,7 @@ class DeepFeatureFactorization:
         maps = [scale_cam_image(image, (width, height)) for image in explanations]
         if self.computation_on_concepts is None:
             return concepts, maps
-        with torch.no_grad():
+        with torch.no_grad(), buffers_kept(self.model):
             concept_tensors = torch.from_numpy(np.float32(concepts).T.copy())
             outputs = self.computation_on_concepts(concept_tensors).cpu().numpy()
         return concepts, maps, outputs
