@@ -268,7 +268,10 @@ CASES = [
     Case("mobilenet_v3_small", "features.1", nonnegative=False),
     Case("test_efficientnet", "blocks.0", nonnegative=False),
     Case("test_efficientnet", "blocks.1.0.conv_pwl", nonnegative=False),
-    # pytorch-grad-cam's ViT and Swin tutorials: a block's LayerNorm, tokens laid on the grid
+    # pytorch-grad-cam's ViT and Swin tutorials: a block's LayerNorm, tokens laid on the grid.
+    # torch.fx cannot trace timm's ViT, and after these Swin and deeplabv3 layers the network
+    # reads ints or the input's size computed before them: Ablation-CAM (and Shapley-CAM on the
+    # ViT) re-run the whole model with the layer's output replaced there.
     Case("vit", "blocks.5.norm1", grid=(4, 4), nonnegative=False),
     Case("vit", "blocks.2.norm1", grid=(4, 4), nonnegative=False),
     Case("swin", "layers.2.blocks.1.norm2", grid=(4, 4), nonnegative=False),
