@@ -339,6 +339,7 @@ class LayerCapture:
         split: the layer's own split when the capture ran through it; ``None`` on the hook
             path and for layers captured together by a :class:`~fastxai.layer_chain.LayerChain`
             (``capture_layers(..., own_splits=True)`` gives every layer its split).
+        layer: the layer's dotted name (with its ``@k`` call index, if any).
     """
 
     activation: Tensor
@@ -348,6 +349,7 @@ class LayerCapture:
     raw_activation: Tensor
     carry: tuple
     split: LayerSplit | None
+    layer: str
 
 
 def _apply_transform(t: Tensor, reshape_transform: ReshapeTransform | None, layer: str) -> Tensor:
@@ -429,7 +431,9 @@ def capture_layer(
             logits = _check_output(split.suffix(a_raw, *carry), x.shape[0])
             resolved = resolve_targets(targets, logits)
             activation = _apply_transform(a_raw, reshape_transform, layer)
-            return LayerCapture(activation, None, logits, resolved, a_raw, tuple(carry), split)
+            return LayerCapture(
+                activation, None, logits, resolved, a_raw, tuple(carry), split, layer
+            )
         # torch.func.vjp differentiates even under the no_grad above (it ignores outer grad
         # modes), while the prefix and every parameter stay out of any autograd graph.
         logits, vjp_fn = torch.func.vjp(lambda a: split.suffix(a, *carry), a_raw)
@@ -446,6 +450,7 @@ def capture_layer(
             a_raw.detach(),
             tuple(carry),
             split,
+            layer,
         )
 
 
@@ -488,7 +493,9 @@ def _capture_in_graph(
     activation = keep(_apply_transform(a_raw, reshape_transform, layer))
     gradient = None if g_raw is None else keep(_apply_transform(g_raw, reshape_transform, layer))
     carry = [c.detach() if isinstance(c, Tensor) else c for c in carry]
-    return LayerCapture(activation, gradient, logits, resolved, keep(a_raw), tuple(carry), split)
+    return LayerCapture(
+        activation, gradient, logits, resolved, keep(a_raw), tuple(carry), split, layer
+    )
 
 
 def _capture_with_hook(
@@ -567,6 +574,7 @@ def _capture_with_hook(
         keep(a_raw),
         (),
         None,
+        layer,
     )
 
 
@@ -661,7 +669,9 @@ def _capture_chain(
             gradient = _apply_transform(gradients[k][slot], reshape_transform, layer).detach()
         activation = _apply_transform(a_raw, reshape_transform, layer).detach()
         captures.append(
-            LayerCapture(activation, gradient, logits.detach(), resolved, a_raw.detach(), (), None)
+            LayerCapture(
+                activation, gradient, logits.detach(), resolved, a_raw.detach(), (), None, layer
+            )
         )
     return captures
 

@@ -41,8 +41,9 @@ class ResolvedTargets:
         """Target score of each row of ``logits`` (rows belong to images ``image_index``); for a
         list of per-image outputs, each callable's score of its image's output."""
         if not isinstance(logits, Tensor):
-            pairs = zip(self.callables, logits, strict=True)
-            return torch.stack([torch.as_tensor(f(out)).sum() for f, out in pairs])
+            index = range(len(logits)) if image_index is None else image_index.tolist()
+            pairs = zip(index, logits, strict=True)
+            return torch.stack([torch.as_tensor(self.callables[n](out)).sum() for n, out in pairs])
         if image_index is None:
             image_index = torch.arange(logits.shape[0], device=logits.device)
         if self.callables is None:

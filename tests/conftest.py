@@ -116,3 +116,18 @@ def kernel_backend_params(op: str, *, reference: bool = False) -> list:
     if reference:
         params.append(pytest.param("torch", "cpu", id="reference-cpu"))
     return params
+
+
+class Untraceable(nn.Module):
+    """``net`` behind a forward that torch.fx cannot trace (a branch on the batch size), so its
+    layers (``"net.<name>"``) are captured and re-run through the hook paths."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        self.training = net.training
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:
+            raise ValueError("no images")
+        return self.net(x)

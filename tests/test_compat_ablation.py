@@ -15,6 +15,7 @@ import io
 import numpy as np
 import pytest
 import torch
+from conftest import Untraceable
 from torchvision.models.vision_transformer import VisionTransformer
 
 from fastxai import compat
@@ -129,6 +130,15 @@ def test_vit_tokens_match(images, ratio):
             ratio_channels_to_ablate=ratio,
         )(x)
         assert np.abs(got - expected).max() <= TOLERANCE, type(ablation_layer)
+    # the same through the whole-model re-run (a model torch.fx cannot trace)
+    got = compat.AblationCAM(
+        Untraceable(model),
+        [layer],
+        reshape_transform=tokens_to_grid,
+        ablation_layer=AblationLayerVit(),
+        ratio_channels_to_ablate=ratio,
+    )(x)
+    assert np.abs(got - expected).max() <= TOLERANCE
     # the ablation value matters here: pytorch-grad-cam's own min - 1e7 gives other maps
     big = run_pgc(
         model,

@@ -39,8 +39,10 @@ Differences, all deliberate:
   ReLU overwrote (e.g. vgg16 ``features[28]``, resnet ``layer1[0].bn1``): there the two differ;
 - Ablation-CAM sets the ablated channel to 0 (the paper), also where the layer can be negative
   (pytorch-grad-cam uses min - 1e7 there, e.g. at a ViT's LayerNorm), and re-runs only the
-  network after the layer (with ``AblationLayerFasterRCNN`` it sets the channel to -1000 and
-  re-runs the whole detector, as pytorch-grad-cam does); ``ratio_channels_to_ablate`` above
+  network after the layer where it can run on its own (else the whole model, with the layer's
+  output replaced by a temporary forward hook; with ``AblationLayerFasterRCNN`` it sets the
+  channel to -1000 and re-runs the whole detector, as pytorch-grad-cam does);
+  ``ratio_channels_to_ablate`` above
   0.5 ablates every channel (pytorch-grad-cam 1.5.7 ablates the overlap of its two halves twice
   and then weighs no channel after the first one ablated twice);
 - Eigen-CAM, Eigen-Grad-CAM and ``eigen_smooth`` fix the arbitrary SVD sign (largest-magnitude
@@ -50,9 +52,8 @@ Differences, all deliberate:
 - KPCA-CAM computes the kernel PCA in float64 with torch (no scikit-learn), so it is closer to
   the exact result than pytorch-grad-cam's float32 one; kernels: sigmoid, rbf, poly, linear,
   cosine;
-- Shapley-CAM needs a model that torch.fx can split at the layer, and applies
-  ``reshape_transform`` to the activations too (pytorch-grad-cam weighs the untransformed ones,
-  which fails for token outputs);
+- Shapley-CAM applies ``reshape_transform`` to the activations too (pytorch-grad-cam weighs the
+  untransformed ones, which fails for token outputs);
 - FullGrad reads the biases when called (pytorch-grad-cam when constructed) and sums each
   layer's channels before upsampling (bilinear resizing is linear, so only rounding differs);
 - ``GuidedBackpropReLUModel`` guides the ReLUs through forward hooks removed after the call

@@ -1,11 +1,12 @@
 """pytorch-grad-cam's ablation layers, as the names ``AblationCAM(ablation_layer=...)`` takes.
 
 fastxai swaps no layer: Ablation-CAM zeroes channels of the captured layer output and re-runs
-the network after it. The objects here (or pytorch-grad-cam's, recognised by class name) only
-say where the channels are: :class:`AblationLayer` on axis 1 of ``(N, C, h, w)`` outputs,
-:class:`AblationLayerVit` on the last axis of token outputs ``(N, T, C)`` (each channel zeroed
-at every token), :class:`AblationLayerFasterRCNN` across the levels of a detector's feature
-pyramid. Their ``activations_to_be_ablated`` is pytorch-grad-cam's channel selection for
+the network after it (or the whole model with the layer's output replaced for the call). The
+objects here (or pytorch-grad-cam's, recognised by class name) only say where the channels are:
+:class:`AblationLayer` on axis 1 of ``(N, C, h, w)`` outputs, :class:`AblationLayerVit` on the
+last axis of token outputs ``(N, T, C)`` (each channel zeroed at every token),
+:class:`AblationLayerFasterRCNN` across the levels of a detector's feature pyramid. Their
+``activations_to_be_ablated`` is pytorch-grad-cam's channel selection for
 ``ratio_channels_to_ablate``.
 """
 

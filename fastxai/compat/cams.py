@@ -44,8 +44,8 @@ class GradCAMElementWise(BaseCAM):
 
 
 class ShapleyCAM(BaseCAM):
-    """Needs a model that torch.fx can split at the layer (the Hessian term differentiates the
-    network after the layer twice)."""
+    """The Hessian term differentiates the network after the layer twice (the whole model, with
+    the layer's output replaced, where torch.fx cannot split it at the layer)."""
 
     method = methods.shapleycam
 
@@ -201,7 +201,10 @@ class AblationCAM(_PerturbationCAM):
     ``ratio_channels_to_ablate`` < 1 ablates only pytorch-grad-cam's selection of channels
     (:func:`fastxai.compat.ablation_layer.channels_to_ablate`), the others weigh 0.
     ``AblationLayerFasterRCNN`` ablates a detector's feature pyramid as pytorch-grad-cam does
-    (:mod:`fastxai.compat.pyramid_ablation`; ``batch_size`` None: 32 copies per run)."""
+    (:mod:`fastxai.compat.pyramid_ablation`; ``batch_size`` None: 32 copies per run). Where the
+    network after the layer cannot run on its own (a model torch.fx cannot trace, such as
+    timm's ViT) the whole model re-runs on each batch of ablated copies, as in
+    pytorch-grad-cam."""
 
     method = methods.ablationcam
 
@@ -293,7 +296,7 @@ def _channel_axis_of_layer(ablation_layer: object | None) -> int | None:
             "ablation_layer: expected AblationLayer(), AblationLayerVit() or "
             "AblationLayerFasterRCNN() (pytorch-grad-cam's "
             f"or fastxai.compat.ablation_layer's), got {name}; fastxai ablates channels itself "
-            "(set to 0, suffix-only re-runs)"
+            "(set to 0)"
         )
     return _CHANNEL_AXES[name]
 

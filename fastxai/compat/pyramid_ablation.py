@@ -4,8 +4,9 @@ pytorch-grad-cam's ``AblationLayerFasterRCNN`` ablates it.
 Channel ``k`` of the reshaped activation (the levels' channels concatenated in the dict's order,
 as ``fasterrcnn_reshape_transform`` builds it) is channel ``k - offset`` of its level; ablating it
 sets that channel to -1000 at every position (pytorch-grad-cam's value for these layers). The
-whole model re-runs on each batch of ablated copies: the layer's output is replaced through a
-temporary forward hook, and the layer itself runs on one image only (its output is discarded).
+whole model re-runs on each batch of ablated copies with the layer's output replaced
+(:func:`fastxai.layer_substitution.output_substituted`); the layer itself runs on one image
+only (its output is discarded).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from fastxai._batching import no_autograd
+from fastxai.layer_substitution import output_substituted
 
 ABLATION_VALUE = -1000.0  # pytorch-grad-cam's AblationLayerFasterRCNN
 DEFAULT_ROWS = 32  # pytorch-grad-cam's AblationCAM batch_size
@@ -25,7 +27,8 @@ DEFAULT_ROWS = 32  # pytorch-grad-cam's AblationCAM batch_size
 def captured_pyramid(
     model: nn.Module, layer: nn.Module, x: Tensor
 ) -> tuple[dict[str, Tensor], Any]:
-    """The layer's dict of ``(N, C_l, h_l, w_l)`` maps and the model's output, one forward."""
+    """The layer's dict of ``(N, C_l, h_l, w_l)`` maps (of the layer's own dict type) and the
+    model's output, one forward."""
     kept: list[Any] = []
     handle = layer.register_forward_hook(lambda _m, _i, output: kept.append(output))
     try:
@@ -39,7 +42,7 @@ def captured_pyramid(
             "ablation_layer: AblationLayerFasterRCNN ablates a layer that yields a dict of "
             f"feature maps (a detector's backbone), the target layer yields {got}"
         )
-    return {key: value.clone() for key, value in kept[0].items()}, outputs
+    return type(kept[0])((key, value.clone()) for key, value in kept[0].items()), outputs
 
 
 def pyramid_ablation_scores(
@@ -58,35 +61,23 @@ def pyramid_ablation_scores(
     starts = torch.cumsum(widths, 0) - widths
     rows = DEFAULT_ROWS if batch_size is None else batch_size
     scores = torch.zeros(channels.shape, dtype=torch.float32)
-    replacement: dict[str, Tensor] = {}
-
-    def only_first_image(_module: nn.Module, args: tuple) -> tuple | None:
-        if args and isinstance(args[0], Tensor) and args[0].dim() > 0:
-            return (args[0][:1], *args[1:])
-        return None
-
-    handles = [
-        layer.register_forward_pre_hook(only_first_image),
-        layer.register_forward_hook(lambda _m, _i, output: type(output)(replacement)),
-    ]
-    try:
-        with no_autograd():
-            for n in range(channels.shape[0]):
-                for start in range(0, channels.shape[1], rows):
-                    chosen = channels[n, start : start + rows].cpu()
-                    level = torch.searchsorted(starts, chosen, right=True) - 1
-                    replacement.clear()
-                    for index, key in enumerate(levels):
-                        copies = pyramid[key][n : n + 1].repeat(len(chosen), 1, 1, 1)
-                        mine = (level == index).nonzero()[:, 0]
-                        copies[mine, chosen[mine] - starts[index]] = ABLATION_VALUE
-                        replacement[key] = copies
-                    copies_of_x = x[n : n + 1].expand(len(chosen), *x.shape[1:])
-                    outputs = model(copies_of_x)
-                    scores[n, start : start + len(chosen)] = torch.stack(
-                        [targets[n](output).reshape(()).float().cpu() for output in outputs]
-                    )
-    finally:
-        for handle in handles:
-            handle.remove()
+    with (
+        output_substituted(model, layer, layer_on_first_row=True) as substitution,
+        no_autograd(),
+    ):
+        for n in range(channels.shape[0]):
+            for start in range(0, channels.shape[1], rows):
+                chosen = channels[n, start : start + rows].cpu()
+                level = torch.searchsorted(starts, chosen, right=True) - 1
+                replacement = type(pyramid)()
+                for index, key in enumerate(levels):
+                    copies = pyramid[key][n : n + 1].repeat(len(chosen), 1, 1, 1)
+                    mine = (level == index).nonzero()[:, 0]
+                    copies[mine, chosen[mine] - starts[index]] = ABLATION_VALUE
+                    replacement[key] = copies
+                copies_of_x = x[n : n + 1].expand(len(chosen), *x.shape[1:])
+                outputs = substitution.run(copies_of_x, replacement)
+                scores[n, start : start + len(chosen)] = torch.stack(
+                    [targets[n](output).reshape(()).float().cpu() for output in outputs]
+                )
     return scores

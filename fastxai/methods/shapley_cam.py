@@ -2,27 +2,47 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from fastxai.capture import LayerCapture, ReshapeTransform
+from fastxai.capture import LayerCapture, ReshapeTransform, split_layer_ref
+from fastxai.layer_substitution import output_substituted
 from fastxai.methods._base import make_cam_method
 
 
-def hessian_activation_product(cap: LayerCapture) -> Tensor:
+def hessian_activation_product(cap: LayerCapture, model: nn.Module, x: Tensor) -> Tensor:
     r""":math:`H A` with :math:`H = \partial^2 (\sum_n s_n) / \partial A^2` at the layer output
     :math:`A` (before any ``reshape_transform``), by differentiating the network after the layer
     twice. A network that is piecewise linear after the layer (ReLU, max-pool, linear) gives 0.
+
+    The network after the layer runs on its own where the model was split there; otherwise the
+    whole model runs with the layer's output replaced (:mod:`fastxai.layer_substitution`), its
+    work before the layer repeated once.
     """
-    if cap.split is None:
+    a = cap.raw_activation
+    if not isinstance(a, Tensor):
         raise ValueError(
-            "layer: Shapley-CAM differentiates the network after the layer twice, which needs "
-            "a model that torch.fx can trace"
+            f"layer {cap.layer!r}: Shapley-CAM differentiates the network after a layer that "
+            f"yields a tensor, this one yields {type(a).__name__}"
         )
-    a = cap.raw_activation.detach().requires_grad_(True)
+    a = a.detach().requires_grad_(True)
+    if cap.split is not None:
+        split, carry = cap.split, cap.carry
+        return _hessian_product(cap, a, lambda activation: split.suffix(activation, *carry))
+    name, call_index = split_layer_ref(cap.layer)
+    with output_substituted(model, model.get_submodule(name), call_index) as substitution:
+        # a copy: the network after the layer may modify its input in place
+        return _hessian_product(cap, a, lambda activation: substitution.run(x, activation.clone()))
+
+
+def _hessian_product(cap: LayerCapture, a: Tensor, run: Callable[[Tensor], Any]) -> Tensor:
+    """:math:`H A` of the summed target scores of ``run(a)``, the model's output for the layer
+    output ``a`` (a leaf that requires grad)."""
     with torch.enable_grad():
-        logits = cap.split.suffix(a, *cap.carry)
-        total = cap.targets.scores(logits).sum()
+        total = cap.targets.scores(run(a)).sum()
         (gradient,) = torch.autograd.grad(total, a, create_graph=True)
         if not gradient.requires_grad:
             return torch.zeros_like(a).detach()
@@ -37,7 +57,7 @@ def shapleycam_contributions(
     reshape_transform: ReshapeTransform | None = None,
 ) -> tuple[Tensor, Tensor]:
     r""":math:`w_k = \mathrm{mean}_{ij}(g - \tfrac12 H A)_{kij}`, contributions :math:`w_k A_k`."""
-    hvp = hessian_activation_product(cap)
+    hvp = hessian_activation_product(cap, model, x)
     if reshape_transform is not None:
         hvp = reshape_transform(hvp)
     hvp = hvp.to(cap.gradient.dtype)
@@ -57,5 +77,7 @@ shapleycam = make_cam_method(
     score at the layer output :math:`A` and :math:`H A` its Hessian-vector product with
     :math:`A` (the second-order term of the score's Taylor expansion along :math:`A`), then
     min-max, bilinear upsampling, min-max. Equals Grad-CAM where the network after the layer is
-    piecewise linear. Needs a model that torch.fx can split at the layer.""",
+    piecewise linear. Where torch.fx cannot split the model at the layer, the whole model is
+    re-run once with a temporary forward hook replacing the layer's output (its work before the
+    layer repeated).""",
 )
