@@ -23,24 +23,13 @@ from typing import Any
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or the platform's machine type."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment() -> dict[str, Any]:
     """What a reader needs to compare two runs: library versions, threads, machine, load."""
     import torch
 
     import fastxai
     from fastxai import ops
+    from fastxai._machine import cpu_name
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     return {
@@ -48,7 +37,7 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),
-        "cpu": cpu_model(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "gpu": device,
         "extension": ops.extension_status(),

@@ -16,7 +16,6 @@ in all): interleaved rounds, medians, the speed-up and the achieved GB/s.
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -26,24 +25,14 @@ DEVICE_CHOICES = ("cpu", "cuda", "all")
 DEFAULT_SECONDS = 30.0
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _environment(devices: list) -> list[str]:
     import torch
 
+    from fastxai._machine import cpu_name
     from fastxai.ops import extension_status
 
     lines = [
-        f"torch {torch.__version__}; cpu: {_cpu_name()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}; cpu: {cpu_name()}, {os.cpu_count()} cores, "
         f"{torch.get_num_threads()} torch threads",
         extension_status(),
     ]
