@@ -37,7 +37,9 @@ class ThreadOwnedTracer(fx.Tracer):
             self.tensor_attrs = {}
 
     def _foreign(self) -> bool:
-        return self._owner is not None and threading.get_ident() != self._owner
+        # Not tracing counts as foreign too: a thread that entered fx's patched ``__call__``
+        # while this tracer ran may reach it after ``trace`` has returned and cleared ``root``.
+        return threading.get_ident() != self._owner
 
     def call_module(
         self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -2,8 +2,10 @@
 segmentation model and a detector, two layers each.
 
 Each map is compared with pytorch-grad-cam run in float64 (its exact result, up to the float32
-casts it makes itself) within 1e-5 plus pytorch-grad-cam's own float32 error against that
-result, per image: the tolerance comes from the reference, never from fastxai's output. Every
+casts it makes itself) within 1e-5 plus twice pytorch-grad-cam's own float32 error against that
+result, per image: the tolerance comes from the reference, never from fastxai's output. Twice:
+the two libraries sum in different orders (and fastxai's order depends on the thread count), so
+either one's float32 result may be the further from float64, by a factor below two here. Every
 comparison also checks that it could fail: the zero map, the best constant map and the inverted
 map ``1 - truth`` are each outside the tolerance (so no tolerance reaches half the map's range).
 
@@ -625,10 +627,10 @@ def reference(subject):
 
 
 def tolerance_of(expected: np.ndarray, truth: np.ndarray, scale=1.0) -> np.ndarray:
-    """Per image: pytorch-grad-cam's own float32 error against its float64 result, plus 1e-5
-    of the maps' scale (1 for maps in [0, 1])."""
+    """Per image: twice pytorch-grad-cam's own float32 error against its float64 result, plus
+    1e-5 of the maps' scale (1 for maps in [0, 1])."""
     axes = tuple(range(1, truth.ndim))
-    return TOLERANCE * scale + np.abs(expected - truth).max(axis=axes)
+    return TOLERANCE * scale + 2 * np.abs(expected - truth).max(axis=axes)
 
 
 def passes(candidate: np.ndarray, truth: np.ndarray, tolerance: np.ndarray) -> np.ndarray:

@@ -65,3 +65,17 @@ def test_a_plain_tracer_breaks_the_other_thread() -> None:
     # the failure the tracer exists for: without it the other thread's module call is traced
     result, _, _ = _trace_while_another_thread_runs(fx.Tracer())
     assert isinstance(result[0], NameError) and "not installed as a submodule" in str(result[0])
+
+
+def test_a_call_that_reaches_the_tracer_after_its_trace_ended_passes_through() -> None:
+    """A thread that entered fx's patched ``Module.__call__`` during a trace can reach the
+    tracer's hooks after ``trace`` returned and cleared its root: they must run the module as
+    is (a plain fx tracer looks the module up in its cleared root and fails)."""
+    model = nn.Sequential(nn.Linear(3, 2))
+    tracer = ThreadOwnedTracer()
+    tracer.trace(model)
+    x = torch.randn(4, 3)
+    out = tracer.call_module(model[0], model[0].forward, (x,), {})
+    torch.testing.assert_close(out, model[0](x), rtol=0, atol=0)
+    weight = model[0].weight
+    assert tracer.getattr("0.weight", weight, {}) is weight
