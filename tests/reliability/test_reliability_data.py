@@ -214,7 +214,7 @@ def test_a_dropped_model_is_freed_without_the_cycle_collector(call):
     assert _freed_without_gc(lambda: small_net(3).eval(), call)
 
 
-def test_memory_stays_flat_over_200_model_loads():
+def test_memory_stays_flat_over_40_model_loads():
     import torchvision
     from test_reliability_runtime import rss_bytes
 
@@ -224,13 +224,14 @@ def test_memory_stays_flat_over_200_model_loads():
         model = torchvision.models.resnet18().eval()  # 45 MB of weights
         fastxai.gradcam(model, x, "layer4")
 
-    for _ in range(20):
+    for _ in range(5):
         load_and_explain()
     before = rss_bytes()
-    for _ in range(200):
+    for _ in range(40):
         load_and_explain()
     grown = (rss_bytes() - before) / 2**20
-    assert grown < 200, f"RSS grew by {grown:.0f} MiB over 200 loads"  # a leak: ~45 MiB each
+    # a model kept per load would add ~45 MiB each (1.8 GiB); allocator noise stays far below
+    assert grown < 200, f"RSS grew by {grown:.0f} MiB over 40 loads"
 
 
 def test_the_hook_fallback_is_safe_across_threads():
