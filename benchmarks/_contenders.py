@@ -90,6 +90,17 @@ class Measured:
         return statistics.median(loads)
 
 
+def time_contender(c: Contender) -> tuple[Sample, Any]:
+    """One timed run of ``c`` (its set-up and tear-down outside the timing) and its output."""
+    if c.setup:
+        c.setup()
+    try:
+        return time_once(c.run)
+    finally:
+        if c.teardown:
+            c.teardown()
+
+
 def measure(contenders: list[Contender], repeats: int) -> Measured:
     """Warm every contender up once, then time them in rotating order.
 
@@ -119,13 +130,7 @@ def measure(contenders: list[Contender], repeats: int) -> Measured:
             if c.repeats is not None and r >= c.repeats:
                 result.samples[c.name].append(None)
                 continue
-            if c.setup:
-                c.setup()
-            try:
-                sample, out = time_once(c.run)
-            finally:
-                if c.teardown:
-                    c.teardown()
+            sample, out = time_contender(c)
             result.outputs.setdefault(c.name, out)
             result.samples[c.name].append(sample)
             del out

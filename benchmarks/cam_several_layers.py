@@ -41,12 +41,12 @@ from _contenders import (
     hook_floor,
     pick_floor,
     quiet,
+    time_contender,
     torchvision_model,
     upsample_minmax,
     vjp_floor,
 )
 from _results import RESULTS_DIR, Results, add_results_option
-from _timing import time_once
 
 import fastxai
 from fastxai.methods._base import explain_layers
@@ -123,13 +123,7 @@ def measure_rounds(contenders: list[Contender], rounds: int) -> Measured:
     for r in range(-1, rounds):
         shift = max(r, 0) % len(contenders)
         for c in contenders[shift:] + contenders[:shift]:
-            if c.setup:
-                c.setup()
-            try:
-                sample, out = time_once(c.run)
-            finally:
-                if c.teardown:
-                    c.teardown()
+            sample, out = time_contender(c)
             if r < 0:
                 result.outputs[c.name] = out
             else:

@@ -238,3 +238,25 @@ class BaseCAM:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class WrappingCAM:
+    """Base of the classes that run other compat CAMs (``FinerCAM``, ``SESS``, ``RefineCAM``):
+    ``cam(...)`` is ``cam.forward(...)``, and ``release`` (also on leaving a ``with`` block)
+    releases every wrapped CAM, listed by :meth:`wrapped_cams`."""
+
+    def wrapped_cams(self) -> list[BaseCAM]:
+        return [self.base_cam]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        return self.forward(*args, **kwargs)
+
+    def release(self) -> None:
+        for cam in self.wrapped_cams():
+            cam.release()
+
+    def __enter__(self) -> WrappingCAM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

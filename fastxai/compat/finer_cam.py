@@ -8,7 +8,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from fastxai.capture import ReshapeTransform
-from fastxai.compat._base import BaseCAM
+from fastxai.compat._base import BaseCAM, WrappingCAM
 from fastxai.compat.cams import GradCAM
 from fastxai.compat.utils.model_targets import FinerWeightedTarget
 from fastxai.methods._projection import SvdSign
@@ -44,7 +44,7 @@ class _NearestClassesTarget:
         return target(model_output)
 
 
-class FinerCAM:
+class FinerCAM(WrappingCAM):
     """Runs ``base_method`` (a compat CAM class) with Finer-CAM's targets."""
 
     def __init__(
@@ -76,15 +76,3 @@ class FinerCAM:
             chosen = _NearestClassesTarget(alpha, comparison_categories, target_idx)
             targets = [chosen] * input_tensor.shape[0]
         return self.base_cam(input_tensor, targets, eigen_smooth=eigen_smooth)
-
-    def __call__(self, *args: object, **kwargs: object) -> np.ndarray:
-        return self.forward(*args, **kwargs)
-
-    def release(self) -> None:
-        self.base_cam.release()
-
-    def __enter__(self) -> FinerCAM:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()

@@ -14,12 +14,12 @@ import numpy as np
 from torch import Tensor, nn
 
 from fastxai.capture import ReshapeTransform
-from fastxai.compat._base import BaseCAM
+from fastxai.compat._base import BaseCAM, WrappingCAM
 from fastxai.compat.cams import GradCAMPlusPlus
 from fastxai.compat.utils.image import scale_cam_image
 
 
-class RefineCAM:
+class RefineCAM(WrappingCAM):
     """``RefineCAM(model, target_layers, reshape_transform=None, base_method=GradCAMPlusPlus,
     **kwargs)(input_tensor, targets=None, eigen_smooth=False)``: one ``base_method`` (a
     :mod:`fastxai.compat` class, constructed with ``kwargs``) per layer, and the min-max scaled
@@ -51,12 +51,5 @@ class RefineCAM:
         ]
         return scale_cam_image(np.prod(np.stack(maps), axis=0))
 
-    def __call__(self, *args: Any, **kwargs: Any) -> np.ndarray:
-        return self.forward(*args, **kwargs)
-
-    def __enter__(self) -> RefineCAM:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for cam in self.base_cam_per_layer:
-            cam.release()
+    def wrapped_cams(self) -> list[BaseCAM]:
+        return self.base_cam_per_layer

@@ -21,7 +21,7 @@ from torchvision.transforms.functional import resize
 
 from fastxai._modes import evaluated
 from fastxai.capture import ReshapeTransform
-from fastxai.compat._base import BaseCAM
+from fastxai.compat._base import BaseCAM, WrappingCAM
 from fastxai.compat.cams import GradCAM
 from fastxai.compat.utils.image import scale_cam_image
 from fastxai.compat.utils.model_targets import ClassifierOutputTarget
@@ -103,7 +103,7 @@ class _Fusion:
         return np.divide(self.total, self.counts, out=np.zeros_like(self.total), where=covered)
 
 
-class SESS:
+class SESS(WrappingCAM):
     """``SESS(model, target_layers, reshape_transform=None, base_method=GradCAM, scales=None,
     num_scales=12, scale_step_ratio=2/7, window_size=None, step_size=None,
     pre_filter_ratio=0.0, theta=0.0, pool="mean", smooth=True, use_softmax_scores=True,
@@ -169,9 +169,6 @@ class SESS:
     @property
     def device(self) -> torch.device:
         return self.base_cam.device
-
-    def __call__(self, *args: Any, **kwargs: Any) -> np.ndarray:
-        return self.forward(*args, **kwargs)
 
     def forward(
         self,
@@ -263,12 +260,3 @@ class SESS:
                 fusion.add(self.paste_cam(cam * weight, boxes[i], (height, width)))
         fused = fusion.result()
         return _gaussian_blur(fused) if self.smooth else fused
-
-    def release(self) -> None:
-        self.base_cam.release()
-
-    def __enter__(self) -> SESS:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
