@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import subprocess
@@ -59,9 +60,15 @@ def images():
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_without_extension(script: str) -> subprocess.CompletedProcess:
-    """Run ``script`` in a fresh interpreter with ``FASTXAI_DISABLE_EXT=1`` (the fallback path)."""
-    env = dict(os.environ, FASTXAI_DISABLE_EXT="1")
+def run_python(script: str, **environment: str | None) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh interpreter from the repository, with ``environment`` changed
+    (a ``None`` value removes the variable)."""
+    env = dict(os.environ)
+    for name, value in environment.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     return subprocess.run(
         [sys.executable, "-c", script],
@@ -71,6 +78,11 @@ def run_without_extension(script: str) -> subprocess.CompletedProcess:
         text=True,
         timeout=600,
     )
+
+
+def run_without_extension(script: str) -> subprocess.CompletedProcess:
+    """Run ``script`` in a fresh interpreter with ``FASTXAI_DISABLE_EXT=1`` (the fallback path)."""
+    return run_python(script, FASTXAI_DISABLE_EXT="1")
 
 
 HAS_GPU = torch.cuda.is_available()
@@ -116,6 +128,19 @@ def kernel_backend_params(op: str, *, reference: bool = False) -> list:
     if reference:
         params.append(pytest.param("torch", "cpu", id="reference-cpu"))
     return params
+
+
+@contextlib.contextmanager
+def triton_as_cpu_kernel(*op_names: str):
+    """``torch.ops.fastxai.<op>`` with its Triton kernel (under the interpreter) as its CPU kernel
+    for the duration: the op's schema, fake and autograd as a GPU without the C++ CUDA kernels
+    runs them, on CPU tensors. Test-only; the C++ CPU kernel is back afterwards."""
+    from fastxai.ops.triton import eager_kernel
+
+    with torch.library._scoped_library("fastxai", "IMPL") as lib:
+        for op in op_names:
+            lib.impl(op, eager_kernel(op), "CPU", allow_override=True)
+        yield
 
 
 class Untraceable(nn.Module):

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import ast
-import os
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import run_python
 
 from fastxai.ops import _extension
 
@@ -34,9 +31,9 @@ def test_an_extension_built_for_another_torch_is_not_loaded_and_warns(monkeypatc
     monkeypatch.setattr(_extension, "import_extension", _never_imported)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loaded, reason = _extension.load()
+        kernels, reason = _extension.load()
     message = _one_warning(caught)
-    assert not loaded
+    assert kernels is None
     assert reason == "built for torch 2.9.1+cpu, running torch 2.14.1+cu130"
     assert reason in message
 
@@ -53,9 +50,9 @@ def test_an_extension_that_fails_to_load_warns_instead_of_falling_back_silently(
     monkeypatch.setattr(_extension, "import_extension", undefined_symbol)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        loaded, reason = _extension.load()
+        kernels, reason = _extension.load()
     message = _one_warning(caught)
-    assert not loaded
+    assert kernels is None
     assert "undefined symbol: _ZN3c1017RegisterOperatorsD1Ev" in message
     assert reason in message
 
@@ -64,13 +61,12 @@ def test_the_same_release_with_another_local_build_tag_loads_without_a_warning(m
     monkeypatch.delenv("FASTXAI_DISABLE_EXT", raising=False)
     monkeypatch.setattr(_extension, "recorded_torch_version", lambda: "2.14.1+cpu")
     monkeypatch.setattr(_extension, "running_torch_version", lambda: "2.14.1+cu130")
-    imported = []
-    monkeypatch.setattr(_extension, "import_extension", lambda: imported.append(True))
+    table = {"scale_maps": {"cpu": "cpp", "cuda": None}}
+    monkeypatch.setattr(_extension, "import_extension", lambda: table)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert _extension.load() == (True, None)
+        assert _extension.load() == (table, None)
     assert caught == []
-    assert imported == [True]
 
 
 def test_disabling_the_extension_on_purpose_does_not_warn(monkeypatch):
@@ -78,7 +74,7 @@ def test_disabling_the_extension_on_purpose_does_not_warn(monkeypatch):
     monkeypatch.setattr(_extension, "import_extension", _never_imported)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert _extension.load() == (False, "disabled by FASTXAI_DISABLE_EXT=1")
+        assert _extension.load() == (None, "disabled by FASTXAI_DISABLE_EXT=1")
     assert caught == []
 
 
@@ -102,16 +98,7 @@ def test_importing_fastxai_with_a_stale_extension_warns_once_and_explains_on_the
         + _MODEL_AND_MAPS
         + "print(fastxai.has_extension(), maps.flatten().tolist())\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "FASTXAI_DISABLE_EXT"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_python(script, FASTXAI_DISABLE_EXT=None)
     assert done.returncode == 0, done.stderr
     loaded, values = done.stdout.split(" ", 1)
     assert loaded == "False"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastxai.ops as ops
-from fastxai.ops._dispatch import CPP_OPS, OPS, TRITON_OPS, choose_backend
+from fastxai.ops._dispatch import CPP_OPS, OPS, choose_backend
 
 
 def _inputs(dtype: torch.dtype = torch.float32, requires_grad: bool = False) -> tuple:
@@ -17,7 +17,7 @@ def _inputs(dtype: torch.dtype = torch.float32, requires_grad: bool = False) -> 
 
 @pytest.mark.parametrize("op", OPS)
 def test_auto_runs_the_kernel_for_float_cpu_tensors_and_the_reference_otherwise(op: str) -> None:
-    kernel = "cpp" if CPP_OPS[op] else "torch"
+    kernel = "op" if CPP_OPS[op] else "torch"
     assert choose_backend(op, _inputs(torch.float32), "auto") == kernel
     assert choose_backend(op, _inputs(torch.float64), "auto") == kernel
     for dtype in (torch.float16, torch.bfloat16):
@@ -38,11 +38,8 @@ def test_a_forced_kernel_refuses_half_precision_in_one_line(op: str, backend: st
         with pytest.raises(RuntimeError, match=f"{op}: backend='cpp' requested"):
             choose_backend(op, _inputs(), backend)
         return
-    if backend == "triton" and op not in TRITON_OPS:
-        with pytest.raises(ValueError, match=f"{op}: there is no Triton kernel"):
-            choose_backend(op, _inputs(), backend)
-        return
-    assert choose_backend(op, _inputs(), backend) == backend
+    # On CPU tensors "cpp" calls the op (its C++ kernel), "triton" the Triton kernel directly.
+    assert choose_backend(op, _inputs(), backend) == {"cpp": "op", "triton": "triton"}[backend]
     with pytest.raises(ValueError, match=f"^{op}: the '{backend}' kernels take float32 or float64"):
         choose_backend(op, _inputs(torch.bfloat16), backend)
 

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TRITON_ON_CPU, kernel_backend_params, run_without_extension
+from conftest import (
+    TRITON_ON_CPU,
+    kernel_backend_params,
+    run_without_extension,
+    triton_as_cpu_kernel,
+)
 
 import fastxai
 import fastxai.ops as ops
@@ -269,10 +274,9 @@ def test_opcheck(raws, fusion):
 
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="TRITON_INTERPRET is not set")
 def test_triton_opcheck():
-    from fastxai.ops.triton.fuse_maps import fuse_maps_triton
-
     raws = _raws(1, [(4, 3), (2, 2)], torch.float32)
-    torch.library.opcheck(fuse_maps_triton, (raws, 6, 5, "tanh"))
+    with triton_as_cpu_kernel("fuse_maps"):
+        torch.library.opcheck(torch.ops.fastxai.fuse_maps, (raws, 6, 5, "tanh"))
 
 
 @requires_cpp_op

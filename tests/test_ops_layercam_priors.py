@@ -15,7 +15,13 @@ import math
 
 import pytest
 import torch
-from conftest import HAS_GPU, TRITON_ON_CPU, kernel_backend_params, run_without_extension
+from conftest import (
+    HAS_GPU,
+    TRITON_ON_CPU,
+    kernel_backend_params,
+    run_without_extension,
+    triton_as_cpu_kernel,
+)
 
 import fastxai.ops as ops
 from fastxai.ops import reference
@@ -189,14 +195,13 @@ def test_layercam_opcheck(make_inputs):
 
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="TRITON_INTERPRET is not set")
 def test_layercam_triton_opcheck():
-    from fastxai.ops.triton.layercam import layercam_backward_triton, layercam_triton
-
     g, a = _layercam_inputs((1, 3, 2, 3), torch.float32, "cpu")
-    torch.library.opcheck(layercam_triton, (g.requires_grad_(), a.requires_grad_()))
-    out = layercam_triton(g.detach(), a.detach())
-    torch.library.opcheck(
-        layercam_backward_triton, (torch.ones_like(out), g.detach(), a.detach(), out)
-    )
+    with triton_as_cpu_kernel("layercam", "layercam_backward"):
+        torch.library.opcheck(torch.ops.fastxai.layercam, (g.requires_grad_(), a.requires_grad_()))
+        out = torch.ops.fastxai.layercam(g.detach(), a.detach())
+        torch.library.opcheck(
+            torch.ops.fastxai.layercam_backward, (torch.ones_like(out), g.detach(), a.detach(), out)
+        )
 
 
 @requires_extension
@@ -467,12 +472,11 @@ def test_mask_priors_opcheck(make_p, neighbours):
 
 @pytest.mark.skipif(not TRITON_ON_CPU, reason="TRITON_INTERPRET is not set")
 def test_mask_priors_triton_opcheck():
-    from fastxai.ops.triton.mask_priors import mask_priors_backward_triton, mask_priors_triton
-
     p = _masks((2, 1, 3, 4), torch.float32, "cpu")
-    torch.library.opcheck(mask_priors_triton, (p.requires_grad_(), 8))
     upstream = torch.randn(2, 3)
-    torch.library.opcheck(mask_priors_backward_triton, (upstream, p.detach(), 8))
+    with triton_as_cpu_kernel("mask_priors", "mask_priors_backward"):
+        torch.library.opcheck(torch.ops.fastxai.mask_priors, (p.requires_grad_(), 8))
+        torch.library.opcheck(torch.ops.fastxai.mask_priors_backward, (upstream, p.detach(), 8))
 
 
 @requires_extension

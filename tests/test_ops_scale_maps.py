@@ -1,4 +1,4 @@
-"""``fastxai::scale_maps``: the C++ op against the reference, opcheck, compile and fallback.
+"""``fastxai::scale_maps``: every kernel against the reference, opcheck, compile and fallback.
 
 The reference is :func:`fastxai.ops.reference.scale_maps`:
 ``M = mm(up(mm(relu(raw))))`` with ``mm(z) = (z - min z) / ((max z - min z) + 1e-7)`` per map and
@@ -11,7 +11,12 @@ import os
 
 import pytest
 import torch
-from conftest import run_without_extension
+from conftest import (
+    TRITON_ON_CPU,
+    kernel_backend_params,
+    run_without_extension,
+    triton_as_cpu_kernel,
+)
 
 import fastxai.ops as ops
 from fastxai.ops import reference
@@ -31,8 +36,13 @@ def _random_maps(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> t
     return torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
 
 
-def _assert_matches_reference(raw: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    out = torch.ops.fastxai.scale_maps(raw, height, width)
+BACKENDS = kernel_backend_params("scale_maps")
+
+
+def _assert_matches_reference(
+    raw: torch.Tensor, height: int, width: int, backend: str = "cpp", device: str = "cpu"
+) -> torch.Tensor:
+    out = ops.scale_maps(raw.to(device), (height, width), backend=backend).cpu()
     expected = reference.scale_maps(raw, height, width)
     assert out.shape == (raw.shape[0], height, width)
     assert out.dtype == raw.dtype
@@ -42,7 +52,7 @@ def _assert_matches_reference(raw: torch.Tensor, height: int, width: int) -> tor
         both_nan = out.isnan() & expected.isnan()
         worst = (out - expected).abs().masked_fill(both_nan, 0).max().item()
         assert worst <= atol, (
-            f"max |cpp - reference| = {worst:.3g} > {atol:g} for {tuple(raw.shape)}"
+            f"max |{backend} - reference| = {worst:.3g} > {atol:g} for {tuple(raw.shape)}"
         )
     torch.testing.assert_close(out, expected, atol=atol, rtol=0, equal_nan=True)
     return out
@@ -66,12 +76,12 @@ SHAPES = [
 ]
 
 
-@requires_extension
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize(("n", "h", "w", "height", "width"), SHAPES)
-def test_matches_reference(n, h, w, height, width, dtype):
+def test_matches_reference(n, h, w, height, width, dtype, backend, device):
     raw = _random_maps((n, h, w), dtype, seed=n * 1000 + h * 100 + w)
-    out = _assert_matches_reference(raw, height, width)
+    out = _assert_matches_reference(raw, height, width, backend, device)
     if h * w > 1:
         # Each map spans [0, 1): min-max maps its minimum to 0 and its maximum just below 1.
         flat = out.flatten(1)
@@ -79,23 +89,23 @@ def test_matches_reference(n, h, w, height, width, dtype):
         assert torch.all((flat.amax(1) > 0.99) & (flat.amax(1) < 1))
 
 
-@requires_extension
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_random_shapes_match_reference(dtype):
+def test_random_shapes_match_reference(dtype, backend, device):
     generator = torch.Generator().manual_seed(7)
     for _ in range(30):
         n, h, w, height, width = (int(v) for v in torch.randint(2, 40, (5,), generator=generator))
         raw = torch.randn(n % 4 + 1, h, w, dtype=dtype, generator=generator)
-        _assert_matches_reference(raw, height, width)
+        _assert_matches_reference(raw, height, width, backend, device)
 
 
-@requires_extension
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_constant_and_negative_maps_give_zeros(dtype):
+def test_constant_and_negative_maps_give_zeros(dtype, backend, device):
     constant = torch.full((2, 5, 6), 3.25, dtype=dtype)
     negative = -1 - _random_maps((2, 5, 6), dtype).abs()
     for raw in (constant, negative):
-        out = _assert_matches_reference(raw, 13, 11)
+        out = _assert_matches_reference(raw, 13, 11, backend, device)
         assert torch.equal(out, torch.zeros_like(out))
 
 
@@ -110,9 +120,9 @@ def test_maps_are_scaled_independently():
     )
 
 
-@requires_extension
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_non_contiguous_inputs(dtype):
+def test_non_contiguous_inputs(dtype, backend, device):
     base = _random_maps((6, 9, 12), dtype)
     views = {
         "transposed": base.transpose(1, 2),
@@ -122,24 +132,23 @@ def test_non_contiguous_inputs(dtype):
     }
     for name, raw in views.items():
         assert not raw.is_contiguous(), name
-        out = _assert_matches_reference(raw, 19, 17)
-        torch.testing.assert_close(
-            out, torch.ops.fastxai.scale_maps(raw.contiguous(), 19, 17), atol=0, rtol=0, msg=name
-        )
+        out = _assert_matches_reference(raw, 19, 17, backend, device)
+        contiguous = ops.scale_maps(raw.contiguous().to(device), (19, 17), backend=backend)
+        torch.testing.assert_close(out, contiguous.cpu(), atol=0, rtol=0, msg=name)
 
 
-@requires_extension
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-def test_empty_batch(dtype):
-    out = _assert_matches_reference(torch.empty(0, 7, 7, dtype=dtype), 32, 24)
+def test_empty_batch(dtype, backend, device):
+    out = _assert_matches_reference(torch.empty(0, 7, 7, dtype=dtype), 32, 24, backend, device)
     assert out.shape == (0, 32, 24)
 
 
-@requires_extension
-def test_nan_spreads_over_its_map_like_the_reference():
+@pytest.mark.parametrize(("backend", "device"), BACKENDS)
+def test_nan_spreads_over_its_map_like_the_reference(backend, device):
     raw = _random_maps((2, 4, 5), torch.float32)
     raw[0, 1, 2] = float("nan")
-    out = _assert_matches_reference(raw, 9, 8)
+    out = _assert_matches_reference(raw, 9, 8, backend, device)
     assert torch.isnan(out[0]).all()
     assert not torch.isnan(out[1]).any()
 
@@ -175,6 +184,14 @@ def test_bad_input_is_rejected(raw, height, width, message):
 )
 def test_opcheck(raw):
     torch.library.opcheck(torch.ops.fastxai.scale_maps, (raw, 21, 18))
+
+
+@requires_extension
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="TRITON_INTERPRET is not set")
+def test_opcheck_with_the_triton_kernel():
+    raw = _random_maps((4, 8, 6), torch.float32).transpose(1, 2)
+    with triton_as_cpu_kernel("scale_maps"):
+        torch.library.opcheck(torch.ops.fastxai.scale_maps, (raw, 21, 18))
 
 
 @requires_extension

@@ -22,7 +22,7 @@ import math
 
 import pytest
 import torch
-from conftest import run_without_extension
+from conftest import TRITON_ON_CPU, run_without_extension, triton_as_cpu_kernel
 
 import fastxai.ops as ops
 from fastxai.ops import reference
@@ -575,24 +575,21 @@ def test_opcheck_rpi_select(dtype):
     torch.library.opcheck(torch.ops.fastxai.rpi_select, (logits[:0], classes[:0], original[:0]))
 
 
-@requires_triton
-def test_opcheck_triton_ops():
-    from fastxai.ops.triton.rpi_select import rpi_select_triton
-    from fastxai.ops.triton.tft_ladder import (
-        tft_ladder_out_triton,
-        tft_ladder_triton,
-        tft_mask_triton,
-    )
-
-    device = "cuda" if HAS_GPU else "cpu"
-    raw, images, thresholds = _on(device, *_ladder_args(non_contiguous=True))
-    torch.library.opcheck(tft_ladder_triton, (raw, images, thresholds, "percentile", "soft"))
+@requires_extension
+@pytest.mark.skipif(not TRITON_ON_CPU, reason="TRITON_INTERPRET is not set")
+def test_opcheck_ops_with_their_triton_kernels():
+    fastxai = torch.ops.fastxai
+    raw, images, thresholds = _ladder_args(non_contiguous=True)
     out = images.new_empty((6, 3, 10, 12))
-    torch.library.opcheck(tft_ladder_out_triton, (raw, images, thresholds, "value", "binary", out))
-    maps = torch.rand(2, 10, 12, device=device)
-    torch.library.opcheck(tft_mask_triton, (maps, images, thresholds, "value", "soft"))
-    logits, classes, original = _on(device, *_ladder_logits(2, 3, 10, torch.float32, seed=2))
-    torch.library.opcheck(rpi_select_triton, (logits, classes, original))
+    maps = torch.rand(2, 10, 12)
+    logits, classes, original = _ladder_logits(2, 3, 10, torch.float32, seed=2)
+    with triton_as_cpu_kernel("tft_ladder", "tft_ladder_out", "tft_mask", "rpi_select"):
+        torch.library.opcheck(fastxai.tft_ladder, (raw, images, thresholds, "percentile", "soft"))
+        torch.library.opcheck(
+            fastxai.tft_ladder_out, (raw, images, thresholds, "value", "binary", out)
+        )
+        torch.library.opcheck(fastxai.tft_mask, (maps, images, thresholds, "value", "soft"))
+        torch.library.opcheck(fastxai.rpi_select, (logits, classes, original))
 
 
 def test_compile_fullgraph_ladder():

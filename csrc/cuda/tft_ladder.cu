@@ -33,8 +33,10 @@ constexpr int kThreadsPerBlock = 256;
 // Enough blocks to fill any current GPU; the grid-stride loop covers the rest.
 constexpr int64_t kMaxBlocks = 65535;
 
-// One thread per output element (grid-stride): out[((n * T + t) * C + c) * HW + p].
-template <typename scalar_t, bool kPercentile, bool kSoft>
+// One thread per output element (grid-stride): out[((n * T + t) * C + c) * HW + p]. The index
+// arithmetic runs in `index_t`: 32-bit whenever the batch has fewer than 2**31 elements, because
+// the kernel's six divisions and remainders per element cost several times more in 64 bits.
+template <typename scalar_t, typename index_t, bool kPercentile, bool kSoft>
 __global__ void __launch_bounds__(kThreadsPerBlock) masked_batch_kernel(
     const scalar_t* __restrict__ maps,
     const scalar_t* __restrict__ images,
@@ -42,24 +44,27 @@ __global__ void __launch_bounds__(kThreadsPerBlock) masked_batch_kernel(
     const scalar_t* __restrict__ pivot_values,
     const int64_t* __restrict__ pivot_indices,
     scalar_t* __restrict__ out,
-    int64_t num_thresholds,
-    int64_t channels,
-    int64_t pixels,
-    int64_t total) {
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+    index_t num_thresholds,
+    index_t channels,
+    index_t pixels,
+    index_t total) {
+  const index_t stride = static_cast<index_t>(blockDim.x) * gridDim.x;
+  for (index_t i = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += stride) {
-    const int64_t p = i % pixels;
-    const int64_t row = i / pixels;  // (n * T + t) * C + c
-    const int64_t c = row % channels;
-    const int64_t image_threshold = row / channels;  // n * T + t
-    const int64_t t = image_threshold % num_thresholds;
-    const int64_t n = image_threshold / num_thresholds;
+    const index_t p = i % pixels;
+    const index_t row = i / pixels;  // (n * T + t) * C + c
+    const index_t c = row % channels;
+    const index_t image_threshold = row / channels;  // n * T + t
+    const index_t t = image_threshold % num_thresholds;
+    const index_t n = image_threshold / num_thresholds;
     const scalar_t value = maps[n * pixels + p];
     bool keep;
     if constexpr (kPercentile) {
       keep = rank_keeps(
-          value, p, pivot_values[image_threshold], pivot_indices[image_threshold]);
+          value,
+          static_cast<int64_t>(p),
+          pivot_values[image_threshold],
+          pivot_indices[image_threshold]);
     } else {
       keep = value_keeps(value, taus[t]);
     }
@@ -103,18 +108,28 @@ void launch_masked_batch(
   const int64_t blocks =
       std::min<int64_t>(kMaxBlocks, (total + kThreadsPerBlock - 1) / kThreadsPerBlock);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  masked_batch_kernel<scalar_t, kPercentile, kSoft>
-      <<<static_cast<unsigned int>(blocks), kThreadsPerBlock, 0, stream>>>(
-          maps.const_data_ptr<scalar_t>(),
-          images.const_data_ptr<scalar_t>(),
-          kPercentile ? nullptr : taus.const_data_ptr<scalar_t>(),
-          kPercentile ? pivot_values.const_data_ptr<scalar_t>() : nullptr,
-          kPercentile ? pivot_indices.const_data_ptr<int64_t>() : nullptr,
-          out.mutable_data_ptr<scalar_t>(),
-          shape.thresholds,
-          shape.channels,
-          shape.height * shape.width,
-          total);
+  // The grid-stride loop's last i + stride must not overflow either: headroom of one grid.
+  const int64_t headroom = blocks * kThreadsPerBlock;
+  const auto launch = [&](auto index_zero) {
+    using index_t = decltype(index_zero);
+    masked_batch_kernel<scalar_t, index_t, kPercentile, kSoft>
+        <<<static_cast<unsigned int>(blocks), kThreadsPerBlock, 0, stream>>>(
+            maps.const_data_ptr<scalar_t>(),
+            images.const_data_ptr<scalar_t>(),
+            kPercentile ? nullptr : taus.const_data_ptr<scalar_t>(),
+            kPercentile ? pivot_values.const_data_ptr<scalar_t>() : nullptr,
+            kPercentile ? pivot_indices.const_data_ptr<int64_t>() : nullptr,
+            out.mutable_data_ptr<scalar_t>(),
+            static_cast<index_t>(shape.thresholds),
+            static_cast<index_t>(shape.channels),
+            static_cast<index_t>(shape.height * shape.width),
+            static_cast<index_t>(total));
+  };
+  if (total + headroom <= std::numeric_limits<int32_t>::max()) {
+    launch(int32_t{0});
+  } else {
+    launch(int64_t{0});
+  }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,10 +1,10 @@
 """The kernel front door: one function per fused op.
 
 Each picks its implementation with :func:`fastxai.ops._dispatch.choose_backend`: ``"auto"``
-runs the compiled kernels where they exist (C++ on the CPU; C++ CUDA or Triton on a GPU) and the
-pure-PyTorch reference (:mod:`fastxai.ops.reference`) otherwise; ``"cpp"``, ``"triton"`` and
-``"torch"`` force one. ``FASTXAI_DISABLE_EXT=1`` makes the package behave as if the extension
-were absent.
+calls ``torch.ops.fastxai.<op>`` where it has a kernel for the device (C++ on the CPU; C++ CUDA
+or Triton on a GPU) and the pure-PyTorch reference (:mod:`fastxai.ops.reference`) otherwise;
+``"cpp"``, ``"triton"`` and ``"torch"`` force one. ``FASTXAI_DISABLE_EXT=1`` makes the package
+behave as if the extension were absent.
 """
 
 from __future__ import annotations
@@ -12,20 +12,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastxai.ops import reference
+import fastxai.ops.reference as reference
 from fastxai.ops._dispatch import Backend, choose_backend
 from fastxai.ops._extension import extension_status, has_extension  # noqa: F401
+from fastxai.ops.triton import direct_kernel
 
 
 def scale_maps(raw: Tensor, size: tuple[int, int], *, backend: Backend = "auto") -> Tensor:
     r"""ReLU, min-max, bilinear upsample to ``size``, min-max: ``(N, h, w) -> (N, H, W)``.
 
-    See :func:`fastxai.ops.reference.scale_maps` for the formula; the C++ kernel fuses the four
+    See :func:`fastxai.ops.reference.scale_maps` for the formula; the kernels fuse the four
     steps into one pass per map.
     """
     height, width = int(size[0]), int(size[1])
-    if choose_backend("scale_maps", (raw,), backend) == "cpp":
+    chosen = choose_backend("scale_maps", (raw,), backend)
+    if chosen == "op":
         return torch.ops.fastxai.scale_maps(raw, height, width)
+    if chosen == "triton":
+        return direct_kernel("scale_maps")(raw, height, width)
     return reference.scale_maps(raw, height, width)
 
 

@@ -1,70 +1,69 @@
 """Which implementation of a fused op runs: the one backend chooser of every front door.
 
-``backend="auto"``: the C++ kernel on the CPU (when ``fastxai._C`` has the op), on a GPU the C++
-CUDA kernel when built and otherwise the Triton kernel, and the PyTorch reference
-(:mod:`fastxai.ops.reference`) for anything else: other dtypes (float16, bfloat16), mixed dtypes
-or devices, other device types, ops without a kernel there, and inputs that need a gradient on
-ops whose kernels have no backward. ``"cpp"``, ``"triton"`` and ``"torch"`` force one (for tests
-and benchmarks); a forced kernel refuses dtypes it has no kernel for with one line.
+It returns ``"op"`` (call ``torch.ops.fastxai.<op>``: the dispatcher runs the kernel registered
+for the tensors' device, the C++ kernel on the CPU, the C++ CUDA kernel or else the Triton kernel
+on a GPU; :mod:`fastxai.ops._registrations`), ``"triton"`` (the Triton kernel called directly)
+or ``"torch"`` (the PyTorch reference, :mod:`fastxai.ops.reference`).
+
+``backend="auto"`` calls the op where it has a kernel for the device, and the reference for
+anything else: no extension, dtypes other than float32 and float64, mixed dtypes or devices,
+other device types, and inputs that need a gradient on ops whose kernels have no backward.
+``"cpp"``, ``"triton"`` and ``"torch"`` force one (for tests and benchmarks): ``"cpp"`` the C++
+kernel of the tensors' device; ``"triton"`` the Triton kernel (through the op where it is the
+op's CUDA kernel, directly otherwise: on CPU tensors under ``TRITON_INTERPRET=1``, or beside the
+C++ CUDA kernels). A forced kernel refuses dtypes it has no kernel for with one line.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from fastxai.ops._extension import extension_status, has_extension
+from fastxai.ops._extension import extension_status, registered_kernel
+from fastxai.ops._registrations import FAKES
 
 Backend = Literal["auto", "cpp", "triton", "torch"]
 BACKENDS = ("auto", "cpp", "triton", "torch")
 KERNEL_DTYPES = (torch.float32, torch.float64)
 
-OPS = (
-    "scale_maps",
-    "fuse_maps",
-    "layercam",
-    "mask_priors",
-    "tft_ladder",
-    "tft_ladder_out",
-    "tft_mask",
-    "rpi_select",
-)
-TRITON_OPS = frozenset(OPS) - {"scale_maps"}
+# Every op with a front door (the backward ops run inside their op's autograd formula).
+OPS = tuple(op for op in FAKES if not op.endswith("_backward"))
 DIFFERENTIABLE_KERNELS = frozenset({"layercam", "mask_priors"})
 
-
-def _cpp_op(op: str) -> bool:
-    return has_extension() and hasattr(torch.ops.fastxai, op)
-
-
-# Looked up once: torch.compile cannot trace the dispatcher query. (An extension built before an
-# op existed loads without it.)
-CPP_OPS = {op: _cpp_op(op) for op in OPS}
-CUDA_KERNELS = {
-    op: CPP_OPS[op] and torch._C._dispatch_has_kernel_for_dispatch_key(f"fastxai::{op}", "CUDA")
-    for op in OPS
-}
+# Looked up once: torch.compile cannot trace the dispatcher query.
+CPP_OPS = {op: registered_kernel(op, "cpu") == "cpp" for op in OPS}
+CUDA_KERNELS = {op: registered_kernel(op, "cuda") == "cpp" for op in OPS}
+TRITON_CUDA_KERNELS = {op: registered_kernel(op, "cuda") == "triton" for op in OPS}
 
 
 def _forced(op: str, tensors: Sequence[Tensor], backend: str) -> str:
-    if backend == "cpp" and not CPP_OPS[op]:
-        raise RuntimeError(f"{op}: backend='cpp' requested but {extension_status()}")
-    if backend == "triton" and op not in TRITON_OPS:
-        raise ValueError(f"{op}: there is no Triton kernel; use backend='auto', 'cpp' or 'torch'")
     for t in tensors:
         if t.dtype not in KERNEL_DTYPES:
             raise ValueError(
                 f"{op}: the {backend!r} kernels take float32 or float64 tensors, got {t.dtype}; "
                 "backend='auto' runs the PyTorch reference for other dtypes"
             )
-    return backend
+    device = tensors[0].device.type
+    if backend == "cpp":
+        if registered_kernel(op, device) != "cpp":
+            raise RuntimeError(
+                f"{op}: backend='cpp' requested but there is no C++ {device} kernel: "
+                f"{extension_status()}"
+            )
+        return "op"
+    if device == "cuda" and TRITON_CUDA_KERNELS[op]:
+        return "op"
+    if importlib.util.find_spec("triton") is None:
+        raise RuntimeError(f"{op}: backend='triton' requested but triton is not installed")
+    return "triton"
 
 
 def choose_backend(op: str, tensors: Sequence[Tensor], backend: str) -> str:
-    """``"cpp"``, ``"triton"`` or ``"torch"`` for ``op`` on ``tensors`` (its floating-point
+    """``"op"``, ``"triton"`` or ``"torch"`` for ``op`` on ``tensors`` (its floating-point
     inputs, which a kernel needs in one dtype and on one device)."""
     if backend not in BACKENDS:
         raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
@@ -84,9 +83,7 @@ def choose_backend(op: str, tensors: Sequence[Tensor], backend: str) -> str:
     ):
         return "torch"
     if first.device.type == "cpu":
-        return "cpp" if CPP_OPS[op] else "torch"
+        return "op" if CPP_OPS[op] else "torch"
     if first.device.type == "cuda":
-        if CUDA_KERNELS[op]:
-            return "cpp"
-        return "triton" if op in TRITON_OPS else "torch"
+        return "op" if CUDA_KERNELS[op] or TRITON_CUDA_KERNELS[op] else "torch"
     return "torch"

@@ -38,23 +38,24 @@ def _release(version: str) -> str:
     return version.split("+", 1)[0]  # 2.14.1+cu130 and 2.14.1+cpu share the release's ABI
 
 
-def import_extension() -> None:
-    """Load ``fastxai._C`` (registers ``torch.ops.fastxai.*``) and its fake kernels."""
+def import_extension() -> dict[str, dict[str, str | None]]:
+    """Load ``fastxai._C`` (declares ``torch.ops.fastxai.*``, registers the C++ kernels), then
+    the Python registrations (:mod:`fastxai.ops._registrations`); returns the kernel table."""
     importlib.import_module("fastxai._C")
-    importlib.import_module("fastxai.ops._registrations")
+    return importlib.import_module("fastxai.ops._registrations").register()
 
 
-def load() -> tuple[bool, str | None]:
-    """``(loaded, why not)``; warns (:class:`ExtensionWarning`) unless disabled on purpose."""
+def load() -> tuple[dict[str, dict[str, str | None]] | None, str | None]:
+    """``(kernel table, why not loaded)``; warns (:class:`ExtensionWarning`) unless disabled on
+    purpose."""
     if os.environ.get("FASTXAI_DISABLE_EXT", "0") == "1":
-        return False, "disabled by FASTXAI_DISABLE_EXT=1"
+        return None, "disabled by FASTXAI_DISABLE_EXT=1"
     built, running = recorded_torch_version(), running_torch_version()
     if built is not None and _release(built) != _release(running):
         reason = f"built for torch {built}, running torch {running}"
     else:
         try:
-            import_extension()
-            return True, None
+            return import_extension(), None
         except ImportError as exc:
             reason = " ".join(str(exc).split())
     warnings.warn(
@@ -63,31 +64,40 @@ def load() -> tuple[bool, str | None]:
         ExtensionWarning,
         stacklevel=2,
     )
-    return False, reason
+    return None, reason
 
 
-_EXTENSION_LOADED, _EXTENSION_ERROR = load()
+_KERNELS, _EXTENSION_ERROR = load()
 
 
 def has_extension() -> bool:
     """Whether the compiled ``fastxai._C`` ops are loaded (else every op runs its reference)."""
-    return _EXTENSION_LOADED
+    return _KERNELS is not None
+
+
+def registered_kernel(op: str, device_type: str) -> str | None:
+    """The kind of kernel ``torch.ops.fastxai.<op>`` runs on ``device_type`` (``"cpu"``,
+    ``"cuda"``): ``"cpp"``, ``"triton"`` or ``None`` (no kernel, or no extension)."""
+    if _KERNELS is None:
+        return None
+    return _KERNELS.get(op, {}).get(device_type)
+
+
+_KIND_NAMES = {"cpp": "C++", "triton": "Triton", None: "reference"}
+
+
+def _device_line(device_type: str) -> str:
+    from fastxai.ops._registrations import FAKES
+
+    kinds = {op: registered_kernel(op, device_type) for op in FAKES}
+    if len(set(kinds.values())) == 1:
+        kind = next(iter(kinds.values()))
+        return f"{_KIND_NAMES[kind]} kernels" if kind else "the PyTorch reference"
+    return ", ".join(f"{op} {_KIND_NAMES[kind]}" for op, kind in kinds.items())
 
 
 def extension_status() -> str:
     """One line naming the kernels ``backend="auto"`` runs on each device, for logs and the CLI."""
-    import importlib.util
-
-    import torch
-
-    triton = importlib.util.find_spec("triton") is not None
-    if not _EXTENSION_LOADED:
-        gpu = "Triton kernels" if triton else "the PyTorch reference"
-        return (
-            f"fastxai._C not loaded ({_EXTENSION_ERROR}): CPU: the PyTorch reference; CUDA: {gpu}"
-        )
-    if torch._C._dispatch_has_kernel_for_dispatch_key("fastxai::scale_maps", "CUDA"):
-        gpu = "C++ CUDA kernels"
-    else:
-        gpu = "Triton kernels (fastxai._C built without CUDA)" if triton else "the reference"
-    return f"fastxai._C loaded: CPU: C++ kernels; CUDA: {gpu}"
+    if _KERNELS is None:
+        return f"fastxai._C not loaded ({_EXTENSION_ERROR}): every op runs the PyTorch reference"
+    return f"fastxai._C loaded: CPU: {_device_line('cpu')}; CUDA: {_device_line('cuda')}"

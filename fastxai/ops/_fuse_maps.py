@@ -1,25 +1,28 @@
-"""Front door of ``fastxai::fuse_maps``, with the fake registration of its C++ op.
+"""Front door of ``fastxai::fuse_maps``.
 
-Backends: ``"auto"`` runs the C++ kernel for CPU tensors when ``fastxai._C`` has it, the CUDA
-kernel for CUDA tensors when the extension was built with it and Triton otherwise, and the
-pure-PyTorch reference for anything else (other or mixed dtypes, other devices, maps that require
-grad: the kernels have no backward, the reference is differentiable). ``"cpp"``, ``"triton"`` and
-``"torch"`` force one.
+Backends (:func:`fastxai.ops._dispatch.choose_backend`): ``"auto"`` calls the op (C++ on the
+CPU; C++ CUDA or Triton on a GPU, Triton also for more layers than the C++ CUDA kernel takes) and
+the pure-PyTorch reference for anything else (other or mixed dtypes, other devices, maps that
+require grad: the kernels have no backward, the reference is differentiable). ``"cpp"``,
+``"triton"`` and ``"torch"`` force one.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from torch import Tensor
 
-from fastxai.ops import reference
-from fastxai.ops._dispatch import CPP_OPS, Backend, choose_backend
-from fastxai.ops._fuse_maps_checks import FUSIONS, fuse_maps_fake
+import fastxai.ops.reference as reference
+from fastxai.ops._dispatch import CUDA_KERNELS, Backend, choose_backend
+from fastxai.ops._maps_checks import FUSIONS
+from fastxai.ops.triton import direct_kernel
 
 Fusion = Literal["mean", "tanh"]
+CUDA_MAX_LAYERS = 16  # the C++ CUDA kernel passes the layers' pointers in one argument
 
 
 def fuse_maps(
@@ -44,16 +47,11 @@ def fuse_maps(
         raise ValueError(f"fusion must be 'mean' or 'tanh', got {fusion!r}")
     height, width = int(size[0]), int(size[1])
     chosen = choose_backend("fuse_maps", raws, backend)
-    if backend == "auto" and chosen == "cpp" and raws[0].is_cuda and len(raws) > 16:
-        chosen = "triton"  # the CUDA kernel passes at most 16 layers' pointers in one argument
-    if chosen == "cpp":
+    too_many = raws[0].is_cuda and len(raws) > CUDA_MAX_LAYERS
+    if backend == "auto" and chosen == "op" and too_many and CUDA_KERNELS["fuse_maps"]:
+        chosen = "triton" if importlib.util.find_spec("triton") else "torch"
+    if chosen == "op":
         return torch.ops.fastxai.fuse_maps(raws, height, width, fusion)
     if chosen == "triton":
-        from fastxai.ops.triton.fuse_maps import fuse_maps_triton
-
-        return fuse_maps_triton(raws, height, width, fusion)
+        return direct_kernel("fuse_maps")(raws, height, width, fusion)
     return reference.fuse_maps(raws, height, width, fusion)
-
-
-if CPP_OPS["fuse_maps"]:
-    torch.library.register_fake("fastxai::fuse_maps")(fuse_maps_fake)

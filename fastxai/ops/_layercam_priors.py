@@ -1,10 +1,9 @@
-"""Front doors of ``fastxai::layercam`` and ``fastxai::mask_priors``, and the registration of
-their C++ ops' fakes and autograd (:mod:`fastxai.ops._cam_prior_registrations`).
+"""Front doors of ``fastxai::layercam`` and ``fastxai::mask_priors``.
 
-Backends: ``"auto"`` runs the C++ kernel for CPU tensors when ``fastxai._C`` is loaded, the CUDA
-kernel for CUDA tensors when the extension was built with it and Triton otherwise, and the
-pure-PyTorch reference for anything else (other dtypes or devices, no extension). ``"cpp"``,
-``"triton"`` and ``"torch"`` force one. Every backend is differentiable.
+Backends (:func:`fastxai.ops._dispatch.choose_backend`): ``"auto"`` calls the op (C++ on the
+CPU; C++ CUDA or Triton on a GPU) and the pure-PyTorch reference for anything else (other dtypes
+or devices, no extension); ``"cpp"``, ``"triton"`` and ``"torch"`` force one. Every backend is
+differentiable, the kernels through the op's one autograd formula.
 """
 
 from __future__ import annotations
@@ -12,17 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastxai.ops import reference
-from fastxai.ops._cam_prior_registrations import (
-    layercam_backward_fake,
-    layercam_fake,
-    mask_priors_backward_fake,
-    mask_priors_fake,
-    register_layercam_autograd,
-    register_mask_priors_autograd,
-)
+import fastxai.ops.reference as reference
 from fastxai.ops._dispatch import Backend, choose_backend
-from fastxai.ops._extension import has_extension
+from fastxai.ops.triton import direct_kernel
 
 
 def layercam(gradient: Tensor, activation: Tensor, *, backend: Backend = "auto") -> Tensor:
@@ -35,12 +26,10 @@ def layercam(gradient: Tensor, activation: Tensor, *, backend: Backend = "auto")
     :math:`\partial L/\partial A_k = G [M > 0] \mathrm{ReLU}(g_k)`.
     """
     chosen = choose_backend("layercam", (gradient, activation), backend)
-    if chosen == "cpp":
+    if chosen == "op":
         return torch.ops.fastxai.layercam(gradient, activation)
     if chosen == "triton":
-        from fastxai.ops.triton.layercam import layercam_triton
-
-        return layercam_triton(gradient, activation)
+        return direct_kernel("layercam")(gradient, activation)
     return reference.layercam(gradient, activation)
 
 
@@ -56,24 +45,8 @@ def mask_priors(p: Tensor, neighbours: int = 4, *, backend: Backend = "auto") ->
     the custom op; use ``.backward()`` or ``torch.autograd.grad``).
     """
     chosen = choose_backend("mask_priors", (p,), backend)
-    if chosen == "cpp":
+    if chosen == "op":
         return torch.ops.fastxai.mask_priors(p, neighbours)
     if chosen == "triton":
-        from fastxai.ops.triton.mask_priors import mask_priors_triton
-
-        return mask_priors_triton(p, neighbours)
+        return direct_kernel("mask_priors")(p, neighbours)
     return reference.mask_priors(p, neighbours)
-
-
-def _register_cpp_ops() -> None:
-    """Fake kernels and autograd formulas of the C++ ops (which ``fastxai._C`` declares)."""
-    torch.library.register_fake("fastxai::layercam")(layercam_fake)
-    torch.library.register_fake("fastxai::layercam_backward")(layercam_backward_fake)
-    torch.library.register_fake("fastxai::mask_priors")(mask_priors_fake)
-    torch.library.register_fake("fastxai::mask_priors_backward")(mask_priors_backward_fake)
-    register_layercam_autograd("fastxai::layercam", torch.ops.fastxai.layercam_backward)
-    register_mask_priors_autograd("fastxai::mask_priors", torch.ops.fastxai.mask_priors_backward)
-
-
-if has_extension():
-    _register_cpp_ops()

@@ -1,4 +1,4 @@
-"""Front doors of the TFT ops, with the fake registrations of their C++ ops.
+"""Front doors of the TFT ops.
 
 * :func:`tft_ladder`: raw CAM -> the masked batch of a threshold ladder, and the upsampled map;
 * :func:`tft_mask`: the same batch from maps already at input resolution (TFT on any maps);
@@ -16,18 +16,15 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fastxai.ops import reference
-from fastxai.ops._dispatch import CPP_OPS, Backend, choose_backend
+import fastxai.ops.reference as reference
+from fastxai.ops._dispatch import Backend, choose_backend
 from fastxai.ops._tft_checks import (
     check_classes_in_range,
     check_ladder_inputs,
     check_ladder_out,
     check_select_inputs,
-    rpi_select_fake,
-    tft_ladder_fake,
-    tft_ladder_out_fake,
-    tft_mask_fake,
 )
+from fastxai.ops.triton import direct_kernel
 
 TFT_OPS = ("tft_ladder", "tft_ladder_out", "tft_mask", "rpi_select")
 Mode = Literal["value", "percentile"]
@@ -90,16 +87,13 @@ def tft_ladder(
     _check_options(mode, mask)
     thresholds = _as_thresholds(thresholds, images)
     chosen = choose_backend("tft_ladder", (raw, images), backend)
-    if chosen == "cpp":
+    if chosen != "torch":
+        run = torch.ops.fastxai if chosen == "op" else None
+        ladder = run.tft_ladder if run else direct_kernel("tft_ladder")
+        ladder_out = run.tft_ladder_out if run else direct_kernel("tft_ladder_out")
         if out is None:
-            return torch.ops.fastxai.tft_ladder(raw, images, thresholds, mode, mask)
-        return out, torch.ops.fastxai.tft_ladder_out(raw, images, thresholds, mode, mask, out)
-    if chosen == "triton":
-        from fastxai.ops.triton.tft_ladder import tft_ladder_out_triton, tft_ladder_triton
-
-        if out is None:
-            return tft_ladder_triton(raw, images, thresholds, mode, mask)
-        return out, tft_ladder_out_triton(raw, images, thresholds, mode, mask, out)
+            return ladder(raw, images, thresholds, mode, mask)
+        return out, ladder_out(raw, images, thresholds, mode, mask, out)
     eager = not torch.compiler.is_compiling()  # the checks' messages name tensors: eager only
     if eager:
         check_ladder_inputs(
@@ -140,12 +134,10 @@ def tft_mask(
     _check_options(mode, mask)
     thresholds = _as_thresholds(thresholds, images)
     chosen = choose_backend("tft_mask", (maps, images), backend)
-    if chosen == "cpp":
+    if chosen == "op":
         return torch.ops.fastxai.tft_mask(maps, images, thresholds, mode, mask)
     if chosen == "triton":
-        from fastxai.ops.triton.tft_ladder import tft_mask_triton
-
-        return tft_mask_triton(maps, images, thresholds, mode, mask)
+        return direct_kernel("tft_mask")(maps, images, thresholds, mode, mask)
     if not torch.compiler.is_compiling():
         check_ladder_inputs(
             "tft_mask", maps, images, thresholds, mode, mask, at_input_resolution=True, kernel=False
@@ -174,23 +166,8 @@ def rpi_select(
     if not torch.compiler.is_compiling():  # the same error from every backend
         check_select_inputs("rpi_select", logits, classes, original)
         check_classes_in_range("rpi_select", classes, logits.shape[1])
-    if chosen == "cpp":
+    if chosen == "op":
         return torch.ops.fastxai.rpi_select(logits, classes, original)
     if chosen == "triton":
-        from fastxai.ops.triton.rpi_select import rpi_select_triton
-
-        return rpi_select_triton(logits, classes, original)
+        return direct_kernel("rpi_select")(logits, classes, original)
     return reference.rpi_select(logits, classes, original)
-
-
-def _register_cpp_fakes() -> None:
-    """Fake kernels of the C++ ops (which ``fastxai._C`` declares); they have no backward."""
-    torch.library.register_fake("fastxai::tft_ladder")(tft_ladder_fake)
-    torch.library.register_fake("fastxai::tft_ladder_out")(tft_ladder_out_fake)
-    torch.library.register_fake("fastxai::tft_mask")(tft_mask_fake)
-
-    torch.library.register_fake("fastxai::rpi_select")(rpi_select_fake)
-
-
-if all(CPP_OPS[op] for op in TFT_OPS):
-    _register_cpp_fakes()

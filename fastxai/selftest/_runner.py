@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from fastxai.ops._dispatch import CPP_OPS, CUDA_KERNELS, TRITON_OPS
+from fastxai.ops._dispatch import CPP_OPS, CUDA_KERNELS
 from fastxai.selftest._cam_priors import LAYERCAM, MASK_PRIORS
 from fastxai.selftest._core import DTYPES, Case, LargeCase, OpCheck, Verdict
 from fastxai.selftest._maps import FUSE_MAPS, SCALE_MAPS
@@ -84,7 +84,7 @@ def kernel_backends(op: str, device: torch.device) -> tuple[list[str], str]:
     found = []
     if CUDA_KERNELS[op]:
         found.append("cpp")
-    if op in TRITON_OPS and triton_available():
+    if triton_available():
         found.append("triton")
     reason = "" if found else "no CUDA kernel built and no Triton kernel or triton not installed"
     return found, reason

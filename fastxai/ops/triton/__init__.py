@@ -1,6 +1,97 @@
-"""Triton kernels of the fused ops, one module per op (same file stem as ``csrc/cpu/<op>.cpp``).
+"""Triton kernels of the fused ops: on a GPU without the C++ CUDA kernels, the CUDA kernels of
+the same ``torch.ops.fastxai`` ops.
 
-Each module defines ``torch.library.custom_op("fastxai::<op>_triton")`` wrappers with fake and
-autograd registrations. Import them only when the Triton backend is used: ``TRITON_INTERPRET=1``
-must be set before the first ``@triton.jit`` kernel is defined when no GPU is present.
+Each module (file stem as ``csrc/cpu/<op>.cpp``) defines plain functions with the signature of
+an op's schema. Their launches go through ``torch.library.wrap_triton``, so a traced graph
+(``torch.compile``, ``make_fx``) holds the Triton kernels themselves and Inductor can schedule
+them, rather than an opaque op call (:mod:`fastxai.ops._registrations` registers them).
+:func:`eager_kernel` is the function as the dispatcher runs it: on the device of its tensors, its
+launches direct. The modules load on first use, so importing fastxai imports no Triton, and
+``TRITON_INTERPRET=1`` (no GPU) can still be set before the first ``@triton.jit`` kernel exists.
 """
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# op -> (module in this package, function)
+IMPLEMENTATIONS = {
+    "scale_maps": ("tft_ladder", "scale_maps"),
+    "fuse_maps": ("fuse_maps", "fuse_maps"),
+    "layercam": ("layercam", "layercam"),
+    "layercam_backward": ("layercam", "layercam_backward"),
+    "mask_priors": ("mask_priors", "mask_priors"),
+    "mask_priors_backward": ("mask_priors", "mask_priors_backward"),
+    "tft_ladder": ("tft_ladder", "tft_ladder"),
+    "tft_ladder_out": ("tft_ladder", "tft_ladder_out"),
+    "tft_mask": ("tft_ladder", "tft_mask"),
+    "rpi_select": ("rpi_select", "rpi_select"),
+}
+
+
+def traceable_kernel(op: str) -> Callable[..., Any]:
+    """The Triton implementation of ``fastxai::<op>``, traceable (launches via ``wrap_triton``)."""
+    module, name = IMPLEMENTATIONS[op]
+    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+
+
+def _tensors(args: tuple) -> list[Tensor]:
+    found = []
+    for arg in args:
+        if isinstance(arg, Tensor):
+            found.append(arg)
+        elif isinstance(arg, (list, tuple)):
+            found.extend(a for a in arg if isinstance(a, Tensor))
+    return found
+
+
+def on_device_of(*args: Any) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device`` of the first CUDA tensor in ``args`` (tensors or lists of them), a
+    no-op when there is none. A Triton launch runs on the current CUDA device whatever device
+    its tensors are on: tensors on ``cuda:1`` while ``cuda:0`` is current would be read from the
+    wrong device."""
+    for t in _tensors(args):
+        if t.device.type == "cuda":
+            return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _direct_launches() -> contextlib.AbstractContextManager:
+    # Outside tracing, plain tensors need no higher-order-op dispatch (about a millisecond).
+    try:
+        from torch._library.triton import set_wrap_triton_enabled
+    except ImportError:  # pragma: no cover - older torch: launches still work, only slower
+        return contextlib.nullcontext()
+    return set_wrap_triton_enabled(False)
+
+
+@functools.cache
+def eager_kernel(op: str) -> Callable[..., Any]:
+    """The Triton implementation of ``fastxai::<op>`` as the dispatcher runs it."""
+    implementation = traceable_kernel(op)
+
+    @functools.wraps(implementation)
+    def run(*args: Any) -> Any:
+        with on_device_of(*args), _direct_launches():
+            return implementation(*args)
+
+    return run
+
+
+@functools.cache
+def direct_kernel(op: str) -> Callable[..., Any]:
+    """The Triton kernel of ``op`` called outside the dispatcher (``backend="triton"``): for the
+    interpreter's CPU tensors and for comparing Triton with the C++ CUDA kernels. Differentiable
+    ops get the op's own autograd formula, with the Triton backward kernel."""
+    from fastxai.ops._cam_prior_formulas import FORMULAS, differentiable
+
+    if op not in FORMULAS:
+        return eager_kernel(op)
+    return differentiable(eager_kernel(op), FORMULAS[op](eager_kernel(f"{op}_backward")))

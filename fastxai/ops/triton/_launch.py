@@ -1,9 +1,7 @@
-"""Where Triton kernels launch: on the device of their tensors.
+"""Helpers shared by the Triton kernels: launches, grids, precise ``exp``.
 
-A Triton launch runs on the current CUDA device, whatever device its tensors are on, so each op
-sets the device of its first tensor for its launches (tensors on ``cuda:1`` while ``cuda:0`` is
-current would otherwise be read from the wrong device). CPU tensors (the interpreter) need
-nothing.
+Launches go through :func:`launch` (``torch.library.wrap_triton``): traced, they become graph
+nodes Inductor can see; run eagerly they launch directly (see :mod:`fastxai.ops.triton`).
 
 Grids are one-dimensional: CUDA allows 2**31 - 1 programs on axis 0 but 65535 on axes 1 and 2,
 which (image, block) grids exceed for maps of more than 64 M pixels or batches of more than
@@ -12,8 +10,6 @@ which (image, block) grids exceed for maps of more than 64 M pixels or batches o
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
@@ -21,12 +17,9 @@ from torch import Tensor
 from triton.language.extra import libdevice
 
 
-def on_device_of(*tensors: Tensor) -> contextlib.AbstractContextManager:
-    """``torch.cuda.device`` of the first CUDA tensor of ``tensors``, a no-op when none is."""
-    for t in tensors:
-        if isinstance(t, Tensor) and t.device.type == "cuda":
-            return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
+def launch(kernel):
+    """``kernel[grid](...)`` as a launch that tracing records (``torch.library.wrap_triton``)."""
+    return torch.library.wrap_triton(kernel)
 
 
 @triton.jit
@@ -34,6 +27,16 @@ def image_and_block(blocks):
     """(image, block) of this program in a grid of ``images * blocks`` programs."""
     pid = tl.program_id(0).to(tl.int64)
     return pid // blocks, pid % blocks
+
+
+@triton.jit
+def divide(a, b, F64: tl.constexpr):
+    """a / b rounded as IEEE: Triton's float32 ``/`` may be approximate on GPUs, and ``div_rn``
+    takes float32 only."""
+    if F64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
 
 
 @triton.jit

@@ -4,11 +4,12 @@
 \\mathrm{relu}(r_l)))))`; ``"tanh"``: :math:`\\mathrm{mm}(\\max_l \\tanh(2 M_l / \\max(\\max M_l,
 10^{-7})))`, :math:`M_l = \\mathrm{mm}(\\mathrm{up}(\\mathrm{mm}(\\mathrm{relu}(r_l))))`.
 
-Three launches: per (image, layer) ranges (one launch per layer); per block of output pixels the
-fused value of every layer's samples, with the block's (min, max); per block the final min-max,
-from the image's block ranges. The layers' maps are packed into one flat buffer (they are small)
-so one program can loop over them. Reductions carry an explicit NaN flag: Triton's min/max need
-not propagate NaN, and the reference turns a whole map NaN.
+Per layer two launches: the (image, layer) ranges, then per block of output pixels the layer's
+samples folded into the output (the last layer also writes each block's (min, max)). Then per
+image its range from its blocks' ranges, and per block the final min-max. No launch takes host
+data that would need a copy to the device (CUDA graphs can capture the op). Reductions carry an
+explicit NaN flag: Triton's min/max need not propagate NaN, and the reference turns a whole map
+NaN.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastxai.ops._fuse_maps_checks import check_fuse_maps_inputs, fuse_maps_fake
-from fastxai.ops.triton._launch import exp, image_and_block, on_device_of, precise_exp
-from fastxai.ops.triton.tft_ladder import MINMAX_EPS, _block, _divide, _upsampled
+from fastxai.ops._maps_checks import check_fuse_maps_inputs
+from fastxai.ops.triton._launch import divide, exp, image_and_block, launch, precise_exp
+from fastxai.ops.triton.tft_ladder import MINMAX_EPS, _block, _upsampled
 
 _RANGE_FIELDS = 5  # low_lo, low_den, up_lo, up_den, peak
 
@@ -49,7 +50,7 @@ def _tanh(x, F64: tl.constexpr, PRECISE: tl.constexpr):
     """tanh(x) = sign(x) (1 - e) / (1 + e) with e = exp(-2|x|) (libdevice's on a GPU): no
     overflow; absolute error a few ulps of 1."""
     e = exp(-2.0 * tl.abs(x), PRECISE)
-    t = _divide(1.0 - e, 1.0 + e, F64)
+    t = divide(1.0 - e, 1.0 + e, F64)
     return tl.where(x < 0, -t, t)
 
 
@@ -98,161 +99,161 @@ def _layer_range_kernel(
             up_lo = _nan_min(up_lo, lo)
             up_hi = _nan_max(up_hi, hi)
         up_den = (up_hi - up_lo) + EPS
-        peak = _divide(up_hi - up_lo, up_den, F64)
+        peak = divide(up_hi - up_lo, up_den, F64)
         tl.store(range_ptr + n * 5 + 2, up_lo)
         tl.store(range_ptr + n * 5 + 3, up_den)
         tl.store(range_ptr + n * 5 + 4, tl.where(peak < EPS, EPS, peak))
 
 
-@triton.jit(do_not_specialize=["num_maps", "out_h", "out_w", "layers", "blocks"])
-def _fuse_kernel(
-    flat_ptr,
-    offset_ptr,
-    size_ptr,
+@triton.jit(do_not_specialize=["in_h", "in_w", "out_h", "out_w", "layers", "blocks"])
+def _fuse_layer_kernel(
+    raw_ptr,
     range_ptr,
     out_ptr,
     partial_ptr,
-    num_maps,
+    in_h,
+    in_w,
     out_h,
     out_w,
     layers,
     blocks,
+    FIRST: tl.constexpr,
+    LAST: tl.constexpr,
     TANH: tl.constexpr,
     F64: tl.constexpr,
     PRECISE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """The fused value before the final min-max at one block of pixels of one image, and the
-    block's (min, max)."""
+    """One layer's samples at one block of pixels of one image folded into the fused value
+    (sum or max, in ``out``); the last layer finishes the value (the mean's division) and writes
+    the block's (min, max)."""
     n, b = image_and_block(blocks)
     out_pixels = out_h * out_w
     pixel = b * BLOCK + tl.arange(0, BLOCK)
     valid = pixel < out_pixels
     dtype = out_ptr.dtype.element_ty
-    acc = tl.full([BLOCK], float("-inf") if TANH else 0.0, dtype)
-    for layer in range(0, layers):
-        in_h = tl.load(size_ptr + 2 * layer)
-        in_w = tl.load(size_ptr + 2 * layer + 1)
-        raw = flat_ptr + tl.load(offset_ptr + layer) + n * (in_h * in_w)
-        ranges = range_ptr + (layer * num_maps + n) * 5
-        low_lo = tl.load(ranges + 0)
-        low_den = tl.load(ranges + 1)
-        up = _upsampled(raw, low_lo, low_den, pixel, valid, in_h, in_w, out_h, out_w, F64)
-        if TANH:
-            scaled = _divide(up - tl.load(ranges + 2), tl.load(ranges + 3), F64)
-            acc = _nan_max(
-                acc, _tanh(_divide(2.0 * scaled, tl.load(ranges + 4), F64), F64, PRECISE)
-            )
-        else:
-            acc = acc + tl.where(up < 0, 0.0, up)
-    if not TANH:
-        acc = _divide(acc, tl.zeros([BLOCK], dtype) + layers.to(dtype), F64)
-    tl.store(out_ptr + n * out_pixels + pixel, acc, mask=valid)
-    lo, hi = _min_max(acc, valid)
-    tl.store(partial_ptr + (n * blocks + b) * 2 + 0, lo)
-    tl.store(partial_ptr + (n * blocks + b) * 2 + 1, hi)
+    ranges = range_ptr + n * 5
+    raw = raw_ptr + n * (in_h * in_w)
+    up = _upsampled(
+        raw, tl.load(ranges + 0), tl.load(ranges + 1), pixel, valid, in_h, in_w, out_h, out_w, F64
+    )
+    if TANH:
+        scaled = divide(up - tl.load(ranges + 2), tl.load(ranges + 3), F64)
+        value = _tanh(divide(2.0 * scaled, tl.load(ranges + 4), F64), F64, PRECISE)
+    else:
+        value = tl.where(up < 0, 0.0, up)
+    out = out_ptr + n * out_pixels + pixel
+    if FIRST:
+        acc = value
+    else:
+        previous = tl.load(out, mask=valid, other=0.0)
+        acc = _nan_max(previous, value) if TANH else previous + value
+    if LAST:
+        if not TANH:
+            acc = divide(acc, tl.zeros([BLOCK], dtype) + layers.to(dtype), F64)
+        lo, hi = _min_max(acc, valid)
+        tl.store(partial_ptr + (n * blocks + b) * 2 + 0, lo)
+        tl.store(partial_ptr + (n * blocks + b) * 2 + 1, hi)
+    tl.store(out, acc, mask=valid)
+
+
+@triton.jit(do_not_specialize=["blocks"])
+def _image_range_kernel(partial_ptr, image_range_ptr, blocks, BLOCK: tl.constexpr):
+    """One image's (min, max) from its blocks' (min, max)."""
+    n = tl.program_id(0).to(tl.int64)
+    dtype = partial_ptr.dtype.element_ty
+    lo = tl.full([], float("inf"), dtype)
+    hi = tl.full([], float("-inf"), dtype)
+    for start in range(0, blocks, BLOCK):
+        k = start + tl.arange(0, BLOCK)
+        live = k < blocks
+        block_lo, _ = _min_max(tl.load(partial_ptr + (n * blocks + k) * 2 + 0, mask=live), live)
+        _, block_hi = _min_max(tl.load(partial_ptr + (n * blocks + k) * 2 + 1, mask=live), live)
+        lo = _nan_min(lo, block_lo)
+        hi = _nan_max(hi, block_hi)
+    tl.store(image_range_ptr + n * 2 + 0, lo)
+    tl.store(image_range_ptr + n * 2 + 1, hi)
 
 
 @triton.jit(do_not_specialize=["out_pixels", "blocks"])
 def _rescale_kernel(
     out_ptr,
-    partial_ptr,
+    image_range_ptr,
     out_pixels,
     blocks,
     EPS: tl.constexpr,
     F64: tl.constexpr,
     BLOCK: tl.constexpr,
-    BLOCKS: tl.constexpr,
 ):
-    """min-max of one block of pixels of one image, with the range merged from its blocks."""
+    """min-max of one block of pixels of one image, with the image's range."""
     n, b = image_and_block(blocks)
-    k = tl.arange(0, BLOCKS)
-    live = k < blocks
-    block_lo = tl.load(partial_ptr + (n * blocks + k) * 2 + 0, mask=live, other=0.0)
-    block_hi = tl.load(partial_ptr + (n * blocks + k) * 2 + 1, mask=live, other=0.0)
-    lo, _ = _min_max(block_lo, live)
-    _, hi = _min_max(block_hi, live)
+    lo = tl.load(image_range_ptr + n * 2 + 0)
+    hi = tl.load(image_range_ptr + n * 2 + 1)
     pixel = b * BLOCK + tl.arange(0, BLOCK)
     valid = pixel < out_pixels
     value = tl.load(out_ptr + n * out_pixels + pixel, mask=valid, other=0.0)
-    scaled = _divide(value - lo, (hi - lo) + EPS, F64)
+    scaled = divide(value - lo, (hi - lo) + EPS, F64)
     tl.store(out_ptr + n * out_pixels + pixel, scaled, mask=valid)
 
 
-@torch.library.custom_op("fastxai::fuse_maps_triton", mutates_args=())
-def fuse_maps_triton(raws: list[Tensor], height: int, width: int, fusion: str) -> Tensor:
-    """Triton ``fuse_maps``: ``(N, h_l, w_l)`` maps of L layers -> ``(N, height, width)``."""
-    with on_device_of(*raws):
-        check_fuse_maps_inputs(raws, height, width, fusion)
-        first = raws[0]
-        torch._check(
-            first.dtype in (torch.float32, torch.float64),
-            lambda: f"fuse_maps: Triton takes float32 or float64 maps, got {first.dtype}",
+def fuse_maps(raws: list[Tensor], height: int, width: int, fusion: str) -> Tensor:
+    """``(N, h_l, w_l)`` maps of L layers -> ``(N, height, width)``."""
+    check_fuse_maps_inputs(raws, height, width, fusion)
+    first = raws[0]
+    torch._check(
+        first.dtype in (torch.float32, torch.float64),
+        lambda: f"fuse_maps: Triton takes float32 or float64 maps, got {first.dtype}",
+    )
+    n = first.shape[0]
+    out = first.new_empty((n, height, width))
+    if n == 0:
+        return out
+    f64 = first.dtype == torch.float64
+    tanh = fusion == "tanh"
+    pixels = height * width
+    block = _block(first, pixels)
+    blocks = triton.cdiv(pixels, block)
+    partials = first.new_empty((n, blocks, 2))
+    ranges = first.new_empty((n, _RANGE_FIELDS))
+    for index, raw in enumerate(raws):
+        raw = raw.contiguous()
+        in_h, in_w = raw.shape[1], raw.shape[2]
+        launch(_layer_range_kernel)[(n,)](
+            raw,
+            ranges,
+            in_h,
+            in_w,
+            height,
+            width,
+            EPS=MINMAX_EPS,
+            UP_RANGE=tanh,
+            F64=f64,
+            BLOCK_LOW=_block(first, in_h * in_w),
+            BLOCK=block,
         )
-        n = first.shape[0]
-        out = first.new_empty((n, height, width))
-        if n == 0:
-            return out
-        f64 = first.dtype == torch.float64
-        tanh = fusion == "tanh"
-        pixels = height * width
-        block = _block(first, pixels)
-        flats = [r.contiguous().view(-1) for r in raws]
-        flat = torch.cat(flats)
-        starts = [0]
-        for f in flats[:-1]:
-            starts.append(starts[-1] + f.numel())
-        offsets = torch.tensor(starts, dtype=torch.int64, device=first.device)
-        sizes = torch.tensor(
-            [s for r in raws for s in (r.shape[1], r.shape[2])],
-            dtype=torch.int32,
-            device=first.device,
-        )
-        ranges = first.new_zeros((len(raws), n, _RANGE_FIELDS))
-        for index, raw in enumerate(raws):
-            _layer_range_kernel[(n,)](
-                flat[starts[index] :],
-                ranges[index],
-                raw.shape[1],
-                raw.shape[2],
-                height,
-                width,
-                EPS=MINMAX_EPS,
-                UP_RANGE=tanh,
-                F64=f64,
-                BLOCK_LOW=_block(first, raw.shape[1] * raw.shape[2]),
-                BLOCK=block,
-            )
-        blocks = triton.cdiv(pixels, block)
-        partials = first.new_empty((n, blocks, 2))
-        _fuse_kernel[(n * blocks,)](
-            flat,
-            offsets,
-            sizes,
+        launch(_fuse_layer_kernel)[(n * blocks,)](
+            raw,
             ranges,
             out,
             partials,
-            n,
+            in_h,
+            in_w,
             height,
             width,
             len(raws),
             blocks,
+            FIRST=index == 0,
+            LAST=index == len(raws) - 1,
             TANH=tanh,
             F64=f64,
             PRECISE=precise_exp(first),
             BLOCK=block,
         )
-        _rescale_kernel[(n * blocks,)](
-            out,
-            partials,
-            pixels,
-            blocks,
-            EPS=MINMAX_EPS,
-            F64=f64,
-            BLOCK=block,
-            BLOCKS=triton.next_power_of_2(blocks),
-        )
-        return out
-
-
-fuse_maps_triton.register_fake(fuse_maps_fake)
+    image_ranges = first.new_empty((n, 2))
+    launch(_image_range_kernel)[(n,)](
+        partials, image_ranges, blocks, BLOCK=min(1024, triton.next_power_of_2(blocks))
+    )
+    launch(_rescale_kernel)[(n * blocks,)](
+        out, image_ranges, pixels, blocks, EPS=MINMAX_EPS, F64=f64, BLOCK=block
+    )
+    return out

@@ -8,17 +8,11 @@ with :math:`G = \\partial L/\\partial M`.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastxai.ops._cam_prior_registrations import (
-    layercam_backward_fake,
-    layercam_fake,
-    register_layercam_autograd,
-)
-from fastxai.ops.triton._launch import image_and_block, on_device_of
+from fastxai.ops.triton._launch import image_and_block, launch
 
 # (channels, pixels) per program. The interpreter (CPU tensors) pays per program, so it gets one
 # large block; GPUs get many small ones.
@@ -124,75 +118,64 @@ def _blocks(t: Tensor) -> tuple[int, int]:
     return _INTERPRETER_BLOCK if t.device.type == "cpu" else _GPU_BLOCK
 
 
-@torch.library.custom_op("fastxai::layercam_triton", mutates_args=())
-def layercam_triton(gradient: Tensor, activation: Tensor) -> Tensor:
+def layercam(gradient: Tensor, activation: Tensor) -> Tensor:
     r"""Layer-CAM raw map :math:`\mathrm{ReLU}(\sum_k \mathrm{ReLU}(g_k) A_k)`.
 
     ``(N, C, h, w)`` twice -> ``(N, h, w)``.
     """
-    with on_device_of(gradient):
-        _check_inputs(gradient, activation)
-        images, channels, height, width = gradient.shape
-        out = gradient.new_empty((images, height, width))
-        if out.numel() == 0:
-            return out
-        block_c, block_p = _blocks(gradient)
-        block_p = min(block_p, triton.next_power_of_2(height * width))
-        blocks = triton.cdiv(height * width, block_p)
-        _layercam_forward_kernel[(images * blocks,)](
-            gradient,
-            activation,
-            out,
-            channels,
-            width,
-            height * width,
-            blocks,
-            *gradient.stride(),
-            *activation.stride(),
-            BLOCK_C=block_c,
-            BLOCK_P=block_p,
-        )
+    _check_inputs(gradient, activation)
+    images, channels, height, width = gradient.shape
+    out = gradient.new_empty((images, height, width))
+    if out.numel() == 0:
         return out
+    block_c, block_p = _blocks(gradient)
+    block_p = min(block_p, triton.next_power_of_2(height * width))
+    blocks = triton.cdiv(height * width, block_p)
+    launch(_layercam_forward_kernel)[(images * blocks,)](
+        gradient,
+        activation,
+        out,
+        channels,
+        width,
+        height * width,
+        blocks,
+        *gradient.stride(),
+        *activation.stride(),
+        BLOCK_C=block_c,
+        BLOCK_P=block_p,
+    )
+    return out
 
 
-layercam_triton.register_fake(layercam_fake)
-
-
-@torch.library.custom_op("fastxai::layercam_backward_triton", mutates_args=())
-def layercam_backward_triton(
+def layercam_backward(
     grad_map: Tensor, gradient: Tensor, activation: Tensor, map: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of :func:`layercam_triton` with respect to ``gradient`` and ``activation``."""
-    with on_device_of(grad_map):
-        _check_inputs(gradient, activation)
-        images, channels, height, width = gradient.shape
-        grad_gradient = gradient.new_empty(gradient.shape)
-        grad_activation = gradient.new_empty(gradient.shape)
-        if grad_gradient.numel() == 0:
-            return grad_gradient, grad_activation
-        block_c, block_p = _blocks(gradient)
-        block_p = min(block_p, triton.next_power_of_2(height * width))
-        block_c = min(block_c, triton.next_power_of_2(channels))
-        blocks = triton.cdiv(height * width, block_p)
-        grid = (images * blocks, triton.cdiv(channels, block_c))  # axis 1: channel blocks
-        _layercam_backward_kernel[grid](
-            grad_map.contiguous(),
-            map.contiguous(),
-            gradient,
-            activation,
-            grad_gradient,
-            grad_activation,
-            channels,
-            width,
-            height * width,
-            blocks,
-            *gradient.stride(),
-            *activation.stride(),
-            BLOCK_C=block_c,
-            BLOCK_P=block_p,
-        )
+    """Gradients of :func:`layercam` with respect to ``gradient`` and ``activation``."""
+    _check_inputs(gradient, activation)
+    images, channels, height, width = gradient.shape
+    grad_gradient = gradient.new_empty(gradient.shape)
+    grad_activation = gradient.new_empty(gradient.shape)
+    if grad_gradient.numel() == 0:
         return grad_gradient, grad_activation
-
-
-layercam_backward_triton.register_fake(layercam_backward_fake)
-register_layercam_autograd(layercam_triton, layercam_backward_triton)
+    block_c, block_p = _blocks(gradient)
+    block_p = min(block_p, triton.next_power_of_2(height * width))
+    block_c = min(block_c, triton.next_power_of_2(channels))
+    blocks = triton.cdiv(height * width, block_p)
+    grid = (images * blocks, triton.cdiv(channels, block_c))  # axis 1: channel blocks
+    launch(_layercam_backward_kernel)[grid](
+        grad_map.contiguous(),
+        map.contiguous(),
+        gradient,
+        activation,
+        grad_gradient,
+        grad_activation,
+        channels,
+        width,
+        height * width,
+        blocks,
+        *gradient.stride(),
+        *activation.stride(),
+        BLOCK_C=block_c,
+        BLOCK_P=block_p,
+    )
+    return grad_gradient, grad_activation

@@ -17,12 +17,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastxai.ops._cam_prior_registrations import (
-    mask_priors_backward_fake,
-    mask_priors_fake,
-    register_mask_priors_autograd,
-)
-from fastxai.ops.triton._launch import image_and_block, on_device_of
+from fastxai.ops.triton._launch import image_and_block, launch
 
 # (rows, columns) per tile. The interpreter (CPU tensors) pays per program: one large tile.
 _GPU_TILE = (16, 64)
@@ -172,68 +167,57 @@ def _tiles(p: Tensor) -> tuple[int, int, int]:
     return block_h, block_w, tiles
 
 
-@torch.library.custom_op("fastxai::mask_priors_triton", mutates_args=())
-def mask_priors_triton(p: Tensor, neighbours: int = 4) -> Tensor:
+def mask_priors(p: Tensor, neighbours: int = 4) -> Tensor:
     """Per-sample ``[area, binarisation, tv]`` ``(N, 3)`` of masks ``p`` ``(N, C, H, W)``."""
-    with on_device_of(p):
-        _check_inputs(p, neighbours)
-        samples, channels, height, width = p.shape
-        if samples == 0:
-            return p.new_empty((0, 3))
-        block_h, block_w, tiles = _tiles(p)
-        partial = p.new_empty((samples * channels, tiles, _PARTIAL_SUMS))
-        _mask_priors_forward_kernel[(samples * channels * tiles,)](
-            p,
-            partial,
-            channels,
-            height,
-            width,
-            tiles,
-            *p.stride(),
-            EIGHT=neighbours == 8,
-            BLOCK_H=block_h,
-            BLOCK_W=block_w,
-        )
-        sums = partial.view(samples, channels * tiles, _PARTIAL_SUMS).sum(1)
-        # Python-float scales: no host-to-device copy per call (CUDA graphs can capture it).
-        scales = _sum_scales(p, neighbours)
-        weighted = [sums[:, i] * scale for i, scale in enumerate(scales)]
-        tv = weighted[2] + weighted[3] + weighted[4] + weighted[5]
-        return torch.stack([weighted[0], weighted[1], tv], 1)
+    _check_inputs(p, neighbours)
+    samples, channels, height, width = p.shape
+    if samples == 0:
+        return p.new_empty((0, 3))
+    block_h, block_w, tiles = _tiles(p)
+    partial = p.new_empty((samples * channels, tiles, _PARTIAL_SUMS))
+    launch(_mask_priors_forward_kernel)[(samples * channels * tiles,)](
+        p,
+        partial,
+        channels,
+        height,
+        width,
+        tiles,
+        *p.stride(),
+        EIGHT=neighbours == 8,
+        BLOCK_H=block_h,
+        BLOCK_W=block_w,
+    )
+    sums = partial.view(samples, channels * tiles, _PARTIAL_SUMS).sum(1)
+    # Python-float scales: no host-to-device copy per call (CUDA graphs can capture it).
+    scales = _sum_scales(p, neighbours)
+    weighted = [sums[:, i] * scale for i, scale in enumerate(scales)]
+    tv = weighted[2] + weighted[3] + weighted[4] + weighted[5]
+    return torch.stack([weighted[0], weighted[1], tv], 1)
 
 
-mask_priors_triton.register_fake(mask_priors_fake)
-
-
-@torch.library.custom_op("fastxai::mask_priors_backward_triton", mutates_args=())
-def mask_priors_backward_triton(grad_terms: Tensor, p: Tensor, neighbours: int) -> Tensor:
-    """dL/dp of :func:`mask_priors_triton` from ``grad_terms`` ``(N, 3)``."""
-    with on_device_of(grad_terms):
-        _check_inputs(p, neighbours)
-        samples, channels, height, width = p.shape
-        grad_p = p.new_empty(p.shape)
-        if samples == 0:
-            return grad_p
-        block_h, block_w, tiles = _tiles(p)
-        # Per sample: [area, binarisation, vertical, horizontal, diagonal, anti-diagonal] factors.
-        scales = _sum_scales(p, neighbours)
-        upstream = [grad_terms[:, term] for term in (0, 1, 2, 2, 2, 2)]
-        factors = torch.stack([g * scale for g, scale in zip(upstream, scales, strict=True)], 1)
-        _mask_priors_backward_kernel[(samples * channels * tiles,)](
-            p,
-            factors,
-            grad_p,
-            channels,
-            height,
-            width,
-            tiles,
-            *p.stride(),
-            EIGHT=neighbours == 8,
-            BLOCK_H=block_h,
-            BLOCK_W=block_w,
-        )
+def mask_priors_backward(grad_terms: Tensor, p: Tensor, neighbours: int) -> Tensor:
+    """dL/dp of :func:`mask_priors` from ``grad_terms`` ``(N, 3)``."""
+    _check_inputs(p, neighbours)
+    samples, channels, height, width = p.shape
+    grad_p = p.new_empty(p.shape)
+    if samples == 0:
         return grad_p
-
-
-mask_priors_backward_triton.register_fake(mask_priors_backward_fake)
-register_mask_priors_autograd(mask_priors_triton, mask_priors_backward_triton)
+    block_h, block_w, tiles = _tiles(p)
+    # Per sample: [area, binarisation, vertical, horizontal, diagonal, anti-diagonal] factors.
+    scales = _sum_scales(p, neighbours)
+    upstream = [grad_terms[:, term] for term in (0, 1, 2, 2, 2, 2)]
+    factors = torch.stack([g * scale for g, scale in zip(upstream, scales, strict=True)], 1)
+    launch(_mask_priors_backward_kernel)[(samples * channels * tiles,)](
+        p,
+        factors,
+        grad_p,
+        channels,
+        height,
+        width,
+        tiles,
+        *p.stride(),
+        EIGHT=neighbours == 8,
+        BLOCK_H=block_h,
+        BLOCK_W=block_w,
+    )
+    return grad_p

@@ -13,22 +13,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastxai.ops._tft_checks import check_select_inputs, rpi_select_fake
-from fastxai.ops.triton._launch import exp, on_device_of, precise_exp
+from fastxai.ops._tft_checks import check_select_inputs
+from fastxai.ops.triton._launch import divide, exp, launch, precise_exp
 
 # Logits per load. The interpreter (CPU tensors) pays per step, so it gets large blocks.
 _GPU_BLOCK = 1024
 _INTERPRETER_BLOCK = 1 << 14
-
-
-@triton.jit
-def _divide(a, b, F64: tl.constexpr):
-    """a / b rounded as IEEE: Triton's float32 ``/`` may be approximate on GPUs, and ``div_rn``
-    takes float32 only."""
-    if F64:
-        return a / b
-    else:
-        return tl.div_rn(a, b)
 
 
 @triton.jit(do_not_specialize=["thresholds", "classes"])
@@ -66,9 +56,9 @@ def _rpi_select_kernel(
         # An out-of-range class reads nothing and yields NaN (checked on the host for the CPU).
         known = (target >= 0) & (target < classes)
         target_logit = tl.load(row + target, mask=known, other=float("nan"))
-        probability = _divide(exp(target_logit - row_max, PRECISE), total, F64)
+        probability = divide(exp(target_logit - row_max, PRECISE), total, F64)
         increase = probability - original
-        rpi = _divide(tl.where(increase < 0, 0.0, increase), original, F64)
+        rpi = divide(tl.where(increase < 0, 0.0, increase), original, F64)
         tl.store(rpi_ptr + n * thresholds + t, rpi)
         tl.store(probability_ptr + n * thresholds + t, probability)
         # First maximum, NaN counting as the maximum (torch.argmax).
@@ -78,41 +68,30 @@ def _rpi_select_kernel(
     tl.store(index_ptr + n, tl.where(best > 0, best_t, -1))
 
 
-@torch.library.custom_op("fastxai::rpi_select_triton", mutates_args=())
-def rpi_select_triton(
-    logits: Tensor, classes: Tensor, original: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+def rpi_select(logits: Tensor, classes: Tensor, original: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """RPI curve ``(N, T)``, the selected threshold ``(N,)`` (-1: none) and the class
     probabilities ``(N, T)`` of ladder logits."""
-    with on_device_of(logits):
-        thresholds = check_select_inputs("rpi_select", logits, classes, original)
-        n = classes.shape[0]
-        rpi = logits.new_empty((n, thresholds))
-        index = classes.new_empty((n,))
-        probability = logits.new_empty((n, thresholds))
-        if n == 0:
-            return rpi, index, probability
-        num_classes = logits.shape[1]
-        cap = _INTERPRETER_BLOCK if logits.device.type == "cpu" else _GPU_BLOCK
-        block = min(cap, triton.next_power_of_2(max(num_classes, 1)))
-        _rpi_select_kernel[(n,)](
-            logits.contiguous(),
-            classes.contiguous(),
-            original.contiguous(),
-            rpi,
-            index,
-            probability,
-            thresholds,
-            num_classes,
-            F64=logits.dtype == torch.float64,
-            PRECISE=precise_exp(logits),
-            BLOCK=block,
-        )
+    thresholds = check_select_inputs("rpi_select", logits, classes, original)
+    n = classes.shape[0]
+    rpi = logits.new_empty((n, thresholds))
+    index = classes.new_empty((n,))
+    probability = logits.new_empty((n, thresholds))
+    if n == 0:
         return rpi, index, probability
-
-
-@rpi_select_triton.register_fake
-def _rpi_select_triton_fake(
-    logits: Tensor, classes: Tensor, original: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    return rpi_select_fake(logits, classes, original)
+    num_classes = logits.shape[1]
+    cap = _INTERPRETER_BLOCK if logits.device.type == "cpu" else _GPU_BLOCK
+    block = min(cap, triton.next_power_of_2(max(num_classes, 1)))
+    launch(_rpi_select_kernel)[(n,)](
+        logits.contiguous(),
+        classes.contiguous(),
+        original.contiguous(),
+        rpi,
+        index,
+        probability,
+        thresholds,
+        num_classes,
+        F64=logits.dtype == torch.float64,
+        PRECISE=precise_exp(logits),
+        BLOCK=block,
+    )
+    return rpi, index, probability

@@ -20,14 +20,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastxai.ops._tft_checks import (
-    check_ladder_inputs,
-    check_ladder_out,
-    tft_ladder_fake,
-    tft_ladder_out_fake,
-    tft_mask_fake,
-)
-from fastxai.ops.triton._launch import image_and_block, on_device_of
+from fastxai.ops._maps_checks import check_scale_maps_inputs
+from fastxai.ops._tft_checks import check_ladder_inputs, check_ladder_out
+from fastxai.ops.triton._launch import divide, image_and_block, launch
 
 MINMAX_EPS = 1e-7
 
@@ -73,16 +68,6 @@ def _axis_taps_f64(dst, in_size, out_size):
 
 
 @triton.jit
-def _divide(a, b, F64: tl.constexpr):
-    """a / b rounded as IEEE: Triton's float32 ``/`` may be approximate on GPUs, and ``div_rn``
-    takes float32 only."""
-    if F64:
-        return a / b
-    else:
-        return tl.div_rn(a, b)
-
-
-@triton.jit
 def _upsampled(raw, low_lo, low_den, pixel, valid, in_h, in_w, out_h, out_w, F64: tl.constexpr):
     """up(mm(relu(raw))) at output pixels ``pixel``: columns blended first, then rows."""
     y = pixel // out_w
@@ -97,10 +82,10 @@ def _upsampled(raw, low_lo, low_den, pixel, valid, in_h, in_w, out_h, out_w, F64
     r01 = tl.load(raw + y0 * in_w + x1, mask=valid, other=0.0)
     r10 = tl.load(raw + y1 * in_w + x0, mask=valid, other=0.0)
     r11 = tl.load(raw + y1 * in_w + x1, mask=valid, other=0.0)
-    v00 = _divide(tl.where(r00 < 0, 0.0, r00) - low_lo, low_den, F64)
-    v01 = _divide(tl.where(r01 < 0, 0.0, r01) - low_lo, low_den, F64)
-    v10 = _divide(tl.where(r10 < 0, 0.0, r10) - low_lo, low_den, F64)
-    v11 = _divide(tl.where(r11 < 0, 0.0, r11) - low_lo, low_den, F64)
+    v00 = divide(tl.where(r00 < 0, 0.0, r00) - low_lo, low_den, F64)
+    v01 = divide(tl.where(r01 < 0, 0.0, r01) - low_lo, low_den, F64)
+    v10 = divide(tl.where(r10 < 0, 0.0, r10) - low_lo, low_den, F64)
+    v11 = divide(tl.where(r11 < 0, 0.0, r11) - low_lo, low_den, F64)
     top = v00 * wx0 + v01 * wx1
     bottom = v10 * wx0 + v11 * wx1
     return top * wy0 + bottom * wy1
@@ -180,7 +165,7 @@ def _map_kernel(
     up_den = tl.load(range_ptr + n * 4 + 3)
     raw = raw_ptr + n * (in_h * in_w)
     value = _upsampled(raw, low_lo, low_den, pixel, valid, in_h, in_w, out_h, out_w, F64)
-    tl.store(map_ptr + n * out_pixels + pixel, _divide(value - up_lo, up_den, F64), mask=valid)
+    tl.store(map_ptr + n * out_pixels + pixel, divide(value - up_lo, up_den, F64), mask=valid)
 
 
 @triton.jit(do_not_specialize=["thresholds", "channels", "pixels", "blocks"])
@@ -257,7 +242,7 @@ def _write_masked_batch(
         pivot_values, pivot_indices = taus, taus.new_zeros(1, dtype=torch.int64)
     block = _block(images, pixels)
     blocks = triton.cdiv(pixels, block)
-    _mask_kernel[(n * blocks,)](
+    launch(_mask_kernel)[(n * blocks,)](
         maps,
         images,
         out,
@@ -274,7 +259,9 @@ def _write_masked_batch(
     )
 
 
-def _scale_maps(raw: Tensor, height: int, width: int) -> Tensor:
+def scale_maps(raw: Tensor, height: int, width: int) -> Tensor:
+    """ReLU, min-max, bilinear upsampling and min-max of raw maps: ``(N, h, w) -> (N, H, W)``."""
+    check_scale_maps_inputs(raw, height, width)
     n, in_h, in_w = raw.shape
     maps = raw.new_empty((n, height, width))
     if n == 0:
@@ -283,7 +270,7 @@ def _scale_maps(raw: Tensor, height: int, width: int) -> Tensor:
     ranges = raw.new_empty((n, 4))
     f64 = raw.dtype == torch.float64
     block = _block(raw, height * width)
-    _map_range_kernel[(n,)](
+    launch(_map_range_kernel)[(n,)](
         raw,
         ranges,
         in_h,
@@ -296,7 +283,7 @@ def _scale_maps(raw: Tensor, height: int, width: int) -> Tensor:
         BLOCK=block,
     )
     blocks = triton.cdiv(height * width, block)
-    _map_kernel[(n * blocks,)](
+    launch(_map_kernel)[(n * blocks,)](
         raw, ranges, maps, in_h, in_w, height, width, blocks, F64=f64, BLOCK=block
     )
     return maps
@@ -318,55 +305,44 @@ def _ladder_into(
 ) -> tuple[Tensor, Tensor]:
     """The masked batch of the raw CAM's map, written into ``out`` (a new one when ``None``),
     and the map."""
-    with on_device_of(raw):
-        check_ladder_inputs(
-            op, raw, images, thresholds, threshold_mode, mask_kind, at_input_resolution=False
-        )
-        if out is None:
-            out = _new_batch(images, thresholds)
-        else:
-            check_ladder_out(op, out, images, thresholds)
-        maps = _scale_maps(raw, images.shape[2], images.shape[3])
-        _write_masked_batch(maps, images, thresholds, threshold_mode, mask_kind, out)
-        return out, maps
+    check_ladder_inputs(
+        op, raw, images, thresholds, threshold_mode, mask_kind, at_input_resolution=False
+    )
+    if out is None:
+        out = _new_batch(images, thresholds)
+    else:
+        check_ladder_out(op, out, images, thresholds)
+    maps = scale_maps(raw, images.shape[2], images.shape[3])
+    _write_masked_batch(maps, images, thresholds, threshold_mode, mask_kind, out)
+    return out, maps
 
 
-@torch.library.custom_op("fastxai::tft_mask_triton", mutates_args=())
-def tft_mask_triton(
+def tft_mask(
     maps: Tensor, images: Tensor, thresholds: Tensor, threshold_mode: str, mask_kind: str
 ) -> Tensor:
     """The masked batch ``(N * T, C, H, W)`` from input-resolution maps ``(N, H, W)``."""
-    with on_device_of(maps):
-        check_ladder_inputs(
-            "tft_mask",
-            maps,
-            images,
-            thresholds,
-            threshold_mode,
-            mask_kind,
-            at_input_resolution=True,
-        )
-        out = _new_batch(images, thresholds)
-        _write_masked_batch(maps, images, thresholds, threshold_mode, mask_kind, out)
-        return out
+    check_ladder_inputs(
+        "tft_mask",
+        maps,
+        images,
+        thresholds,
+        threshold_mode,
+        mask_kind,
+        at_input_resolution=True,
+    )
+    out = _new_batch(images, thresholds)
+    _write_masked_batch(maps, images, thresholds, threshold_mode, mask_kind, out)
+    return out
 
 
-tft_mask_triton.register_fake(tft_mask_fake)
-
-
-@torch.library.custom_op("fastxai::tft_ladder_triton", mutates_args=())
-def tft_ladder_triton(
+def tft_ladder(
     raw: Tensor, images: Tensor, thresholds: Tensor, threshold_mode: str, mask_kind: str
 ) -> tuple[Tensor, Tensor]:
     """The masked batch ``(N * T, C, H, W)`` and the map ``(N, H, W)`` from a raw CAM."""
     return _ladder_into("tft_ladder", raw, images, thresholds, threshold_mode, mask_kind, None)
 
 
-tft_ladder_triton.register_fake(tft_ladder_fake)
-
-
-@torch.library.custom_op("fastxai::tft_ladder_out_triton", mutates_args=("out",))
-def tft_ladder_out_triton(
+def tft_ladder_out(
     raw: Tensor,
     images: Tensor,
     thresholds: Tensor,
@@ -374,9 +350,6 @@ def tft_ladder_out_triton(
     mask_kind: str,
     out: Tensor,
 ) -> Tensor:
-    """``tft_ladder_triton`` writing the batch into ``out``; returns the map."""
+    """:func:`tft_ladder` writing the batch into ``out``; returns the map."""
     args = (raw, images, thresholds, threshold_mode, mask_kind, out)
     return _ladder_into("tft_ladder_out", *args)[1]
-
-
-tft_ladder_out_triton.register_fake(tft_ladder_out_fake)

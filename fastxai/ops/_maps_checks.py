@@ -1,5 +1,5 @@
-"""Argument checks and the fake (shape) kernel of ``fastxai::fuse_maps``, shared by its front door
-and its Triton kernel."""
+"""Argument checks and the fake (shape) kernels of ``fastxai::scale_maps`` and
+``fastxai::fuse_maps``, shared by their front doors, fakes and Triton kernels."""
 
 from __future__ import annotations
 
@@ -9,6 +9,25 @@ import torch
 from torch import Tensor
 
 FUSIONS = ("mean", "tanh")
+
+
+def check_scale_maps_inputs(raw: Tensor, height: int, width: int) -> None:
+    """The C++ kernels' argument checks of ``scale_maps``."""
+    torch._check(raw.dim() == 3, lambda: f"scale_maps: raw must be (N, h, w), got {raw.dim()} dims")
+    torch._check(height > 0, lambda: f"scale_maps: height must be positive, got {height}")
+    torch._check(width > 0, lambda: f"scale_maps: width must be positive, got {width}")
+    torch._check(
+        raw.shape[1] > 0 and raw.shape[2] > 0,
+        lambda: (
+            f"scale_maps: raw maps must be non-empty, got (h, w) = ({raw.shape[1]}, {raw.shape[2]})"
+        ),
+    )
+
+
+def scale_maps_fake(raw: Tensor, height: int, width: int) -> Tensor:
+    """Shape of ``scale_maps``: ``(N, h, w) -> (N, height, width)``, same dtype and device."""
+    check_scale_maps_inputs(raw, height, width)
+    return raw.new_empty((raw.shape[0], height, width))
 
 
 def check_fuse_maps_inputs(raws: Sequence[Tensor], height: int, width: int, fusion: str) -> None:

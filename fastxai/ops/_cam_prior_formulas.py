@@ -1,7 +1,8 @@
-"""The one fake kernel and the one autograd formula of ``layercam`` and ``mask_priors``.
+"""The fake kernels and the autograd formulas of ``layercam`` and ``mask_priors``.
 
-Both backends register them: the C++ ops (:mod:`fastxai.ops._layercam_priors`) and the Triton
-ops (:mod:`fastxai.ops.triton`); each backend passes its own backward kernel.
+:mod:`fastxai.ops._registrations` registers them on the ops (whose backward op runs the kernel of
+the tensors' device); ``backend="triton"`` wraps the Triton kernels in the same formulas
+(:func:`differentiable`), with the Triton backward kernels.
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ def mask_priors_backward_fake(grad_terms: Tensor, p: Tensor, neighbours: int) ->
     return p.new_empty(p.shape)
 
 
-def register_layercam_autograd(op: Any, backward_op: Callable[..., tuple[Tensor, Tensor]]) -> None:
-    """``op``'s backward: ``backward_op(grad_map, gradient, activation, map)`` (the saved map
+Formula = tuple[Callable[..., None], Callable[..., Any]]  # (setup_context, backward)
+
+
+def layercam_formula(backward_op: Callable[..., tuple[Tensor, Tensor]]) -> Formula:
+    """Layer-CAM's backward: ``backward_op(grad_map, gradient, activation, map)`` (the saved map
     gives the outer ReLU's mask)."""
 
     def setup_context(ctx: Any, inputs: tuple[Tensor, Tensor], output: Tensor) -> None:
@@ -52,11 +56,11 @@ def register_layercam_autograd(op: Any, backward_op: Callable[..., tuple[Tensor,
         gradient, activation, saved_map = ctx.saved_tensors
         return backward_op(grad_map, gradient, activation, saved_map)
 
-    torch.library.register_autograd(op, backward, setup_context=setup_context)
+    return setup_context, backward
 
 
-def register_mask_priors_autograd(op: Any, backward_op: Callable[..., Tensor]) -> None:
-    """``op``'s backward: ``backward_op(grad_terms, p, neighbours)``."""
+def mask_priors_formula(backward_op: Callable[..., Tensor]) -> Formula:
+    """The mask priors' backward: ``backward_op(grad_terms, p, neighbours)``."""
 
     def setup_context(ctx: Any, inputs: tuple[Tensor, int], output: Tensor) -> None:
         p, neighbours = inputs
@@ -67,4 +71,27 @@ def register_mask_priors_autograd(op: Any, backward_op: Callable[..., Tensor]) -
         (p,) = ctx.saved_tensors
         return backward_op(grad_terms, p, ctx.neighbours), None
 
-    torch.library.register_autograd(op, backward, setup_context=setup_context)
+    return setup_context, backward
+
+
+FORMULAS = {"layercam": layercam_formula, "mask_priors": mask_priors_formula}
+
+
+def differentiable(forward: Callable[..., Any], formula: Formula) -> Callable[..., Any]:
+    """``forward`` with ``formula`` as its backward, outside the dispatcher."""
+    setup_context, backward = formula
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(*inputs: Any) -> Any:
+            return forward(*inputs)
+
+        @staticmethod
+        def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+            setup_context(ctx, inputs, output)
+
+        @staticmethod
+        def backward(ctx: Any, *grads: Tensor) -> Any:
+            return backward(ctx, *grads)
+
+    return Function.apply
