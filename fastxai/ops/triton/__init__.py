@@ -1,13 +1,14 @@
 """Triton kernels of the fused ops: on a GPU without the C++ CUDA kernels, the CUDA kernels of
 the same ``torch.ops.fastxai`` ops.
 
-Each module (file stem as ``csrc/cpu/<op>.cpp``) defines plain functions with the signature of
-an op's schema. Their launches go through ``torch.library.wrap_triton``, so a traced graph
-(``torch.compile``, ``make_fx``) holds the Triton kernels themselves and Inductor can schedule
-them, rather than an opaque op call (:mod:`fastxai.ops._registrations` registers them).
-:func:`eager_kernel` is the function as the dispatcher runs it: on the device of its tensors, its
-launches direct. The modules load on first use, so importing fastxai imports no Triton, and
-``TRITON_INTERPRET=1`` (no GPU) can still be set before the first ``@triton.jit`` kernel exists.
+Each module (file stem as ``csrc/cpu/<op>.cpp``; ``scale_maps`` lives with ``fuse_maps``) defines
+plain functions with the signature of an op's schema. Their launches go through
+``torch.library.wrap_triton``, so a traced graph (``torch.compile``, ``make_fx``) holds the
+Triton kernels themselves and Inductor can schedule them, rather than an opaque op call
+(:mod:`fastxai.ops._registrations` registers them). :func:`eager_kernel` is the function as the
+dispatcher runs it: on the device of its tensors, its launches direct. The modules load on first
+use, so importing fastxai defines no kernel, and ``TRITON_INTERPRET=1`` (no GPU) can still be set
+before the first ``@triton.jit`` kernel exists.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch import Tensor
 
 # op -> (module in this package, function)
 IMPLEMENTATIONS = {
-    "scale_maps": ("tft_ladder", "scale_maps"),
+    "scale_maps": ("fuse_maps", "scale_maps"),
     "fuse_maps": ("fuse_maps", "fuse_maps"),
     "layercam": ("layercam", "layercam"),
     "layercam_backward": ("layercam", "layercam_backward"),

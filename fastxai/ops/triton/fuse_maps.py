@@ -1,4 +1,5 @@
-"""Triton kernels of ``fuse_maps``: several layers' raw maps upsampled and fused, ``(N, H, W)``.
+"""Triton kernels of ``fuse_maps`` (several layers' raw maps upsampled and fused, ``(N, H, W)``)
+and of ``scale_maps``, its one-layer case.
 
 ``"mean"``: :math:`\\mathrm{mm}(\\tfrac1L \\sum_l \\mathrm{relu}(\\mathrm{up}(\\mathrm{mm}(
 \\mathrm{relu}(r_l)))))`; ``"tanh"``: :math:`\\mathrm{mm}(\\max_l \\tanh(2 M_l / \\max(\\max M_l,
@@ -6,10 +7,11 @@
 
 Per layer two launches: the (image, layer) ranges, then per block of output pixels the layer's
 samples folded into the output (the last layer also writes each block's (min, max)). Then per
-image its range from its blocks' ranges, and per block the final min-max. No launch takes host
-data that would need a copy to the device (CUDA graphs can capture the op). Reductions carry an
-explicit NaN flag: Triton's min/max need not propagate NaN, and the reference turns a whole map
-NaN.
+image its range from its blocks' ranges, and per block the final min-max. ``scale_maps`` is the
+``"mean"`` fusion of one layer: every pass but the small low-resolution range spreads one
+image over many programs. No launch takes host data that would need a copy to the device (CUDA
+graphs can capture the ops). Reductions carry an explicit NaN flag: Triton's min/max need not
+propagate NaN, and the reference turns a whole map NaN.
 """
 
 from __future__ import annotations
@@ -19,9 +21,75 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastxai.ops._maps_checks import check_fuse_maps_inputs
+from fastxai.ops._maps_checks import check_fuse_maps_inputs, check_scale_maps_inputs
 from fastxai.ops.triton._launch import divide, exp, image_and_block, launch, precise_exp
-from fastxai.ops.triton.tft_ladder import MINMAX_EPS, _block, _upsampled
+
+MINMAX_EPS = 1e-7
+
+# Pixels per program. The interpreter (CPU tensors) pays per program, so it gets large blocks.
+_GPU_BLOCK = 1024
+_INTERPRETER_BLOCK = 1 << 16
+
+
+def _block(t: Tensor, size: int) -> int:
+    cap = _INTERPRETER_BLOCK if t.device.type == "cpu" else _GPU_BLOCK
+    return min(cap, triton.next_power_of_2(max(size, 1)))
+
+
+@triton.jit
+def _axis_taps(dst, in_size, out_size):
+    """ATen's bilinear taps (align_corners=False) of output indices ``dst`` along one axis.
+
+    src = max((dst + 0.5) * in / out - 0.5, 0) in float32 with one rounding, as ATen's FMA: float64
+    holds the product exactly. Equal sizes and the last source index copy (weight 1 on i0).
+    """
+    ratio = (in_size.to(tl.float64) / out_size.to(tl.float64)).to(tl.float32)
+    src = (ratio.to(tl.float64) * (dst.to(tl.float64) + 0.5) - 0.5).to(tl.float32)
+    src = tl.maximum(src, 0.0)
+    i0 = src.to(tl.int32)
+    copy = (in_size == out_size) | (i0 >= in_size - 1)
+    i0 = tl.where(in_size == out_size, dst, tl.minimum(i0, in_size - 1))
+    i1 = tl.where(copy, i0, i0 + 1)
+    w1 = tl.where(copy, 0.0, src - i0.to(tl.float32))
+    return i0, i1, 1.0 - w1, w1
+
+
+@triton.jit
+def _axis_taps_f64(dst, in_size, out_size):
+    """:func:`_axis_taps` in float64 (ATen's accumulation type of float64 maps)."""
+    ratio = in_size.to(tl.float64) / out_size.to(tl.float64)
+    src = tl.maximum(ratio * (dst.to(tl.float64) + 0.5) - 0.5, 0.0)
+    i0 = src.to(tl.int32)
+    copy = (in_size == out_size) | (i0 >= in_size - 1)
+    i0 = tl.where(in_size == out_size, dst, tl.minimum(i0, in_size - 1))
+    i1 = tl.where(copy, i0, i0 + 1)
+    w1 = tl.where(copy, 0.0, src - i0.to(tl.float64))
+    return i0, i1, 1.0 - w1, w1
+
+
+@triton.jit
+def _upsampled(raw, low_lo, low_den, pixel, valid, in_h, in_w, out_h, out_w, F64: tl.constexpr):
+    """up(mm(relu(raw))) at output pixels ``pixel``: columns blended first, then rows."""
+    y = pixel // out_w
+    x = pixel % out_w
+    if F64:
+        y0, y1, wy0, wy1 = _axis_taps_f64(y, in_h, out_h)
+        x0, x1, wx0, wx1 = _axis_taps_f64(x, in_w, out_w)
+    else:
+        y0, y1, wy0, wy1 = _axis_taps(y, in_h, out_h)
+        x0, x1, wx0, wx1 = _axis_taps(x, in_w, out_w)
+    r00 = tl.load(raw + y0 * in_w + x0, mask=valid, other=0.0)
+    r01 = tl.load(raw + y0 * in_w + x1, mask=valid, other=0.0)
+    r10 = tl.load(raw + y1 * in_w + x0, mask=valid, other=0.0)
+    r11 = tl.load(raw + y1 * in_w + x1, mask=valid, other=0.0)
+    v00 = divide(tl.where(r00 < 0, 0.0, r00) - low_lo, low_den, F64)
+    v01 = divide(tl.where(r01 < 0, 0.0, r01) - low_lo, low_den, F64)
+    v10 = divide(tl.where(r10 < 0, 0.0, r10) - low_lo, low_den, F64)
+    v11 = divide(tl.where(r11 < 0, 0.0, r11) - low_lo, low_den, F64)
+    top = v00 * wx0 + v01 * wx1
+    bottom = v10 * wx0 + v11 * wx1
+    return top * wy0 + bottom * wy1
+
 
 _RANGE_FIELDS = 5  # low_lo, low_den, up_lo, up_den, peak
 
@@ -196,20 +264,13 @@ def _rescale_kernel(
     tl.store(out_ptr + n * out_pixels + pixel, scaled, mask=valid)
 
 
-def fuse_maps(raws: list[Tensor], height: int, width: int, fusion: str) -> Tensor:
-    """``(N, h_l, w_l)`` maps of L layers -> ``(N, height, width)``."""
-    check_fuse_maps_inputs(raws, height, width, fusion)
+def _fused(raws: list[Tensor], height: int, width: int, tanh: bool) -> Tensor:
     first = raws[0]
-    torch._check(
-        first.dtype in (torch.float32, torch.float64),
-        lambda: f"fuse_maps: Triton takes float32 or float64 maps, got {first.dtype}",
-    )
     n = first.shape[0]
     out = first.new_empty((n, height, width))
     if n == 0:
         return out
     f64 = first.dtype == torch.float64
-    tanh = fusion == "tanh"
     pixels = height * width
     block = _block(first, pixels)
     blocks = triton.cdiv(pixels, block)
@@ -257,3 +318,25 @@ def fuse_maps(raws: list[Tensor], height: int, width: int, fusion: str) -> Tenso
         out, image_ranges, pixels, blocks, EPS=MINMAX_EPS, F64=f64, BLOCK=block
     )
     return out
+
+
+def _check_dtype(op: str, t: Tensor) -> None:
+    torch._check(
+        t.dtype in (torch.float32, torch.float64),
+        lambda: f"{op}: Triton takes float32 or float64 maps, got {t.dtype}",
+    )
+
+
+def fuse_maps(raws: list[Tensor], height: int, width: int, fusion: str) -> Tensor:
+    """``(N, h_l, w_l)`` maps of L layers -> ``(N, height, width)``."""
+    check_fuse_maps_inputs(raws, height, width, fusion)
+    _check_dtype("fuse_maps", raws[0])
+    return _fused(raws, height, width, tanh=fusion == "tanh")
+
+
+def scale_maps(raw: Tensor, height: int, width: int) -> Tensor:
+    """mm(up(mm(relu(raw)))): ``(N, h, w) -> (N, height, width)``, the mean fusion of one layer
+    (the upsampled map is non-negative, so its ReLU is the identity, and the mean divides by 1)."""
+    check_scale_maps_inputs(raw, height, width)
+    _check_dtype("scale_maps", raw)
+    return _fused([raw], height, width, tanh=False)
