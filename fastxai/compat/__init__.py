@@ -19,8 +19,8 @@ feature factorisation: :mod:`fastxai.compat.feature_factorization` (``DeepFeatur
 ``dff`` and ``run_dff_on_image``, scikit-learn's NMF computed in float64 without scikit-learn;
 ``show_factorization_on_image`` and ``create_labels_legend`` in
 :mod:`fastxai.compat.utils.image`, without OpenCV). Not provided: ``ActivationsAndGradients``
-(fastxai puts no hooks on the model), ``utils.svd_on_activations``, ``utils.find_layers``,
-``sobel_cam`` and ``ablation_cam_multilayer``.
+(fastxai puts no hooks on the model), ``sobel_cam`` (OpenCV) and ``ablation_cam_multilayer``;
+``utils.svd_on_activations`` and ``utils.find_layers`` are there.
 ``AblationCAM`` takes ``ratio_channels_to_ablate`` (pytorch-grad-cam's channel selection),
 ``reshape_transform`` (token outputs: each channel is zeroed at every token) and the ablation
 layers of :mod:`fastxai.compat.ablation_layer` or pytorch-grad-cam, read by class name
