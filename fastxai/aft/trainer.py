@@ -255,7 +255,7 @@ class AFTTrainer:
             mask_term = tuner_loss(tuned, target, cfg.reduction)
             return ce + cfg.lam * mask_term, ce.detach(), mask_term.detach()
 
-        # The training pattern that compiles (ARCHITECTURE.md §4): the loss function is compiled,
+        # The training pattern that compiles: the loss function is compiled,
         # backward and the optimiser step run outside. DDP's bucketing splits the graph, so
         # fullgraph is only asked for in a single process.
         step_loss = (

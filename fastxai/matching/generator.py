@@ -7,8 +7,8 @@ laid side by side in the channel axis, so ``G`` generators cost one kernel launc
 CPU each generator runs on its own, one U-Net after the other: a launch costs nothing there beside
 a 224x224 convolution, and oneDNN returns grouped outputs channels-last, which the compiled step
 then spends more time transposing than the grouped call saved (batch 4 ran 1.25x slower per image
-than batch 1). (``torch.func.vmap`` would fall back to a loop over the custom ``mask_priors`` op;
-ARCHITECTURE.md §4.)
+than batch 1). (``torch.func.vmap`` would fall back to a loop over the custom ``mask_priors``
+op.)
 
 Architecture (width ``w``, depth ``d``; the notebook's ``UNetCSAE`` is ``w = 32, d = 4``):
 encoder ``d`` DoubleConv stages ``3 -> w -> 2w -> ... -> 2^{d-1} w``, each followed by a 2x2 max

@@ -2,14 +2,16 @@
 
 Per step: generator forward -> ``p = sigmoid`` -> straight-through hard mask ``m`` -> the batch
 ``[e_1..e_N, e~_{1,1}..e~_{N,K}, (x_c)]`` through the classifier in one forward -> per-image
-terms ``(N, T)``. The step function is compiled with ``torch.compile(fullgraph=True)``; its
-result's ``.backward()`` runs outside, so AOTAutograd compiles the backward too (ARCHITECTURE.md
-§4). The targets ``phi(x)`` and ``f(x)`` are computed once, before the loop.
+terms ``(N, T)``. The step function is compiled with ``torch.compile(fullgraph=True)`` (on first
+use: compiling at import would load TorchDynamo into every ``import fastxai``); its result's
+``.backward()`` runs outside, so AOTAutograd compiles the backward too. The targets ``phi(x)``
+and ``f(x)`` are computed once, before the loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -104,7 +106,10 @@ def step_terms(
     return (terms * weights).sum(), terms.detach()
 
 
-compiled_step_terms = torch.compile(step_terms, fullgraph=True, dynamic=False)
+@functools.cache
+def compiled_step_terms() -> Callable[..., tuple[Tensor, Tensor]]:
+    """:func:`step_terms` through ``torch.compile(fullgraph=True)``, made once per process."""
+    return torch.compile(step_terms, fullgraph=True, dynamic=False)
 
 
 def sample_backgrounds(
@@ -177,7 +182,7 @@ def train_generators(
         t.requires_grad_(True)
     optimiser = torch.optim.Adam(list(params.values()), lr=lr)
     generators = [torch.Generator(device=x.device).manual_seed(int(s)) for s in seeds]
-    step_fn = compiled_step_terms if compile else step_terms
+    step_fn = compiled_step_terms() if compile else step_terms
     history = x.new_empty((steps, x.shape[0], len(TERMS)), dtype=torch.float32)
     # A host sync per check: every step on the CPU (free), every 25 steps on accelerators.
     check_every = 1 if x.device.type == "cpu" else 25
