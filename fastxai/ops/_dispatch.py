@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from fastxai.ops._cam_prior_formulas import FORMULAS
 from fastxai.ops._extension import extension_status, registered_kernel
 from fastxai.ops._registrations import FAKES
 
@@ -32,7 +33,7 @@ KERNEL_DTYPES = (torch.float32, torch.float64)
 
 # Every op with a front door (the backward ops run inside their op's autograd formula).
 OPS = tuple(op for op in FAKES if not op.endswith("_backward"))
-DIFFERENTIABLE_KERNELS = frozenset({"layercam", "mask_priors"})
+DIFFERENTIABLE_KERNELS = frozenset(FORMULAS)  # the ops whose kernels have a backward
 
 # Looked up once: torch.compile cannot trace the dispatcher query.
 CPP_OPS = {op: registered_kernel(op, "cpu") == "cpp" for op in OPS}
