@@ -9,13 +9,11 @@ behave as if the extension were absent.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 import fastxai.ops.reference as reference
-from fastxai.ops._dispatch import Backend, choose_backend
+from fastxai.ops._dispatch import Backend, choose_backend, kernel
 from fastxai.ops._extension import extension_status, has_extension  # noqa: F401
-from fastxai.ops.triton import direct_kernel
 
 
 def scale_maps(raw: Tensor, size: tuple[int, int], *, backend: Backend = "auto") -> Tensor:
@@ -26,10 +24,8 @@ def scale_maps(raw: Tensor, size: tuple[int, int], *, backend: Backend = "auto")
     """
     height, width = int(size[0]), int(size[1])
     chosen = choose_backend("scale_maps", (raw,), backend)
-    if chosen == "op":
-        return torch.ops.fastxai.scale_maps(raw, height, width)
-    if chosen == "triton":
-        return direct_kernel("scale_maps")(raw, height, width)
+    if chosen != "torch":
+        return kernel("scale_maps", chosen)(raw, height, width)
     return reference.scale_maps(raw, height, width)
 
 

@@ -17,8 +17,8 @@ C++ CUDA kernels). A forced kernel refuses dtypes it has no kernel for with one 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -26,6 +26,7 @@ from torch import Tensor
 from fastxai.ops._cam_prior_formulas import FORMULAS
 from fastxai.ops._extension import extension_status, registered_kernel
 from fastxai.ops._registrations import FAKES
+from fastxai.ops.triton import direct_kernel
 
 Backend = Literal["auto", "cpp", "triton", "torch"]
 BACKENDS = ("auto", "cpp", "triton", "torch")
@@ -88,3 +89,8 @@ def choose_backend(op: str, tensors: Sequence[Tensor], backend: str) -> str:
     if first.device.type == "cuda":
         return "op" if CUDA_KERNELS[op] or TRITON_CUDA_KERNELS[op] else "torch"
     return "torch"
+
+
+def kernel(op: str, chosen: str) -> Callable[..., Any]:
+    """The callable of a kernel that :func:`choose_backend` chose (``"op"`` or ``"triton"``)."""
+    return getattr(torch.ops.fastxai, op) if chosen == "op" else direct_kernel(op)

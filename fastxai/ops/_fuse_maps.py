@@ -13,13 +13,11 @@ import importlib.util
 from collections.abc import Sequence
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 import fastxai.ops.reference as reference
-from fastxai.ops._dispatch import CUDA_KERNELS, Backend, choose_backend
+from fastxai.ops._dispatch import CUDA_KERNELS, Backend, choose_backend, kernel
 from fastxai.ops._maps_checks import FUSIONS
-from fastxai.ops.triton import direct_kernel
 
 Fusion = Literal["mean", "tanh"]
 CUDA_MAX_LAYERS = 16  # the C++ CUDA kernel passes the layers' pointers in one argument
@@ -50,8 +48,6 @@ def fuse_maps(
     too_many = raws[0].is_cuda and len(raws) > CUDA_MAX_LAYERS
     if backend == "auto" and chosen == "op" and too_many and CUDA_KERNELS["fuse_maps"]:
         chosen = "triton" if importlib.util.find_spec("triton") else "torch"
-    if chosen == "op":
-        return torch.ops.fastxai.fuse_maps(raws, height, width, fusion)
-    if chosen == "triton":
-        return direct_kernel("fuse_maps")(raws, height, width, fusion)
+    if chosen != "torch":
+        return kernel("fuse_maps", chosen)(raws, height, width, fusion)
     return reference.fuse_maps(raws, height, width, fusion)

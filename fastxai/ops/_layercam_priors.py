@@ -8,12 +8,10 @@ differentiable, the kernels through the op's one autograd formula.
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 import fastxai.ops.reference as reference
-from fastxai.ops._dispatch import Backend, choose_backend
-from fastxai.ops.triton import direct_kernel
+from fastxai.ops._dispatch import Backend, choose_backend, kernel
 
 
 def layercam(gradient: Tensor, activation: Tensor, *, backend: Backend = "auto") -> Tensor:
@@ -26,10 +24,8 @@ def layercam(gradient: Tensor, activation: Tensor, *, backend: Backend = "auto")
     :math:`\partial L/\partial A_k = G [M > 0] \mathrm{ReLU}(g_k)`.
     """
     chosen = choose_backend("layercam", (gradient, activation), backend)
-    if chosen == "op":
-        return torch.ops.fastxai.layercam(gradient, activation)
-    if chosen == "triton":
-        return direct_kernel("layercam")(gradient, activation)
+    if chosen != "torch":
+        return kernel("layercam", chosen)(gradient, activation)
     return reference.layercam(gradient, activation)
 
 
@@ -45,8 +41,6 @@ def mask_priors(p: Tensor, neighbours: int = 4, *, backend: Backend = "auto") ->
     the custom op; use ``.backward()`` or ``torch.autograd.grad``).
     """
     chosen = choose_backend("mask_priors", (p,), backend)
-    if chosen == "op":
-        return torch.ops.fastxai.mask_priors(p, neighbours)
-    if chosen == "triton":
-        return direct_kernel("mask_priors")(p, neighbours)
+    if chosen != "torch":
+        return kernel("mask_priors", chosen)(p, neighbours)
     return reference.mask_priors(p, neighbours)

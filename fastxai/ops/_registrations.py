@@ -54,14 +54,6 @@ def _has_cpp_kernel(op: str, key: str) -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastxai::{op}", key)
 
 
-def _on_cuda(args: tuple) -> bool:
-    for arg in args:
-        items = arg if isinstance(arg, (list, tuple)) else (arg,)
-        if any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in items):
-            return True
-    return False
-
-
 def _export_keeps_ops() -> bool:
     try:
         from torch.export._trace import custom_triton_ops_decomposition_disabled
@@ -82,7 +74,7 @@ def _register_triton_cuda_kernel(op: str) -> None:
         return triton_kernels.eager_kernel(op)(*args)
 
     def decompose_on_cuda(mode: Any, func: Any, types: tuple, args: tuple, kwargs: dict) -> Any:
-        if not _on_cuda(args) or _export_keeps_ops():
+        if triton_kernels.first_cuda_tensor(args) is None or _export_keeps_ops():
             return mode.__torch_dispatch__(func, types, args, kwargs)
         known = (torch.Tensor, FunctionalTensor)
         if any(not (issubclass(t, FakeTensor) or t in known) for t in types):

@@ -17,16 +17,14 @@ import torch
 from torch import Tensor
 
 import fastxai.ops.reference as reference
-from fastxai.ops._dispatch import Backend, choose_backend
+from fastxai.ops._dispatch import Backend, choose_backend, kernel
 from fastxai.ops._tft_checks import (
     check_classes_in_range,
     check_ladder_inputs,
     check_ladder_out,
     check_select_inputs,
 )
-from fastxai.ops.triton import direct_kernel
 
-TFT_OPS = ("tft_ladder", "tft_ladder_out", "tft_mask", "rpi_select")
 Mode = Literal["value", "percentile"]
 MaskKind = Literal["binary", "soft"]
 
@@ -88,12 +86,9 @@ def tft_ladder(
     thresholds = _as_thresholds(thresholds, images)
     chosen = choose_backend("tft_ladder", (raw, images), backend)
     if chosen != "torch":
-        run = torch.ops.fastxai if chosen == "op" else None
-        ladder = run.tft_ladder if run else direct_kernel("tft_ladder")
-        ladder_out = run.tft_ladder_out if run else direct_kernel("tft_ladder_out")
         if out is None:
-            return ladder(raw, images, thresholds, mode, mask)
-        return out, ladder_out(raw, images, thresholds, mode, mask, out)
+            return kernel("tft_ladder", chosen)(raw, images, thresholds, mode, mask)
+        return out, kernel("tft_ladder_out", chosen)(raw, images, thresholds, mode, mask, out)
     eager = not torch.compiler.is_compiling()  # the checks' messages name tensors: eager only
     if eager:
         check_ladder_inputs(
@@ -134,10 +129,8 @@ def tft_mask(
     _check_options(mode, mask)
     thresholds = _as_thresholds(thresholds, images)
     chosen = choose_backend("tft_mask", (maps, images), backend)
-    if chosen == "op":
-        return torch.ops.fastxai.tft_mask(maps, images, thresholds, mode, mask)
-    if chosen == "triton":
-        return direct_kernel("tft_mask")(maps, images, thresholds, mode, mask)
+    if chosen != "torch":
+        return kernel("tft_mask", chosen)(maps, images, thresholds, mode, mask)
     if not torch.compiler.is_compiling():
         check_ladder_inputs(
             "tft_mask", maps, images, thresholds, mode, mask, at_input_resolution=True, kernel=False
@@ -166,8 +159,6 @@ def rpi_select(
     if not torch.compiler.is_compiling():  # the same error from every backend
         check_select_inputs("rpi_select", logits, classes, original)
         check_classes_in_range("rpi_select", classes, logits.shape[1])
-    if chosen == "op":
-        return torch.ops.fastxai.rpi_select(logits, classes, original)
-    if chosen == "triton":
-        return direct_kernel("rpi_select")(logits, classes, original)
+    if chosen != "torch":
+        return kernel("rpi_select", chosen)(logits, classes, original)
     return reference.rpi_select(logits, classes, original)

@@ -43,25 +43,21 @@ def traceable_kernel(op: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(f"{__name__}.{module}"), name)
 
 
-def _tensors(args: tuple) -> list[Tensor]:
-    found = []
+def first_cuda_tensor(args: tuple) -> Tensor | None:
+    """The first CUDA tensor among an op's arguments (tensors or lists of them), if any."""
     for arg in args:
-        if isinstance(arg, Tensor):
-            found.append(arg)
-        elif isinstance(arg, (list, tuple)):
-            found.extend(a for a in arg if isinstance(a, Tensor))
-    return found
+        for t in arg if isinstance(arg, (list, tuple)) else (arg,):
+            if isinstance(t, Tensor) and t.device.type == "cuda":
+                return t
+    return None
 
 
 def on_device_of(*args: Any) -> contextlib.AbstractContextManager:
-    """``torch.cuda.device`` of the first CUDA tensor in ``args`` (tensors or lists of them), a
-    no-op when there is none. A Triton launch runs on the current CUDA device whatever device
-    its tensors are on: tensors on ``cuda:1`` while ``cuda:0`` is current would be read from the
-    wrong device."""
-    for t in _tensors(args):
-        if t.device.type == "cuda":
-            return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
+    """``torch.cuda.device`` of the first CUDA tensor in ``args``, a no-op when there is none. A
+    Triton launch runs on the current CUDA device whatever device its tensors are on: tensors on
+    ``cuda:1`` while ``cuda:0`` is current would be read from the wrong device."""
+    t = first_cuda_tensor(args)
+    return contextlib.nullcontext() if t is None else torch.cuda.device(t.device)
 
 
 def _direct_launches() -> contextlib.AbstractContextManager:

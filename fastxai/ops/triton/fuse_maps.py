@@ -37,33 +37,25 @@ def _block(t: Tensor, size: int) -> int:
 
 
 @triton.jit
-def _axis_taps(dst, in_size, out_size):
+def _axis_taps(dst, in_size, out_size, F64: tl.constexpr):
     """ATen's bilinear taps (align_corners=False) of output indices ``dst`` along one axis.
 
-    src = max((dst + 0.5) * in / out - 0.5, 0) in float32 with one rounding, as ATen's FMA: float64
-    holds the product exactly. Equal sizes and the last source index copy (weight 1 on i0).
+    src = max((dst + 0.5) * in / out - 0.5, 0), in float64 for float64 maps (ATen's accumulation
+    type) and for float32 maps in float32 with one rounding, as ATen's FMA (float64 holds the
+    product exactly). Equal sizes and the last source index copy (weight 1 on i0).
     """
-    ratio = (in_size.to(tl.float64) / out_size.to(tl.float64)).to(tl.float32)
-    src = (ratio.to(tl.float64) * (dst.to(tl.float64) + 0.5) - 0.5).to(tl.float32)
-    src = tl.maximum(src, 0.0)
+    if F64:
+        ratio = in_size.to(tl.float64) / out_size.to(tl.float64)
+        src = tl.maximum(ratio * (dst.to(tl.float64) + 0.5) - 0.5, 0.0)
+    else:
+        ratio = (in_size.to(tl.float64) / out_size.to(tl.float64)).to(tl.float32)
+        src = (ratio.to(tl.float64) * (dst.to(tl.float64) + 0.5) - 0.5).to(tl.float32)
+        src = tl.maximum(src, 0.0)
     i0 = src.to(tl.int32)
     copy = (in_size == out_size) | (i0 >= in_size - 1)
     i0 = tl.where(in_size == out_size, dst, tl.minimum(i0, in_size - 1))
     i1 = tl.where(copy, i0, i0 + 1)
-    w1 = tl.where(copy, 0.0, src - i0.to(tl.float32))
-    return i0, i1, 1.0 - w1, w1
-
-
-@triton.jit
-def _axis_taps_f64(dst, in_size, out_size):
-    """:func:`_axis_taps` in float64 (ATen's accumulation type of float64 maps)."""
-    ratio = in_size.to(tl.float64) / out_size.to(tl.float64)
-    src = tl.maximum(ratio * (dst.to(tl.float64) + 0.5) - 0.5, 0.0)
-    i0 = src.to(tl.int32)
-    copy = (in_size == out_size) | (i0 >= in_size - 1)
-    i0 = tl.where(in_size == out_size, dst, tl.minimum(i0, in_size - 1))
-    i1 = tl.where(copy, i0, i0 + 1)
-    w1 = tl.where(copy, 0.0, src - i0.to(tl.float64))
+    w1 = tl.where(copy, 0.0, src - i0.to(src.dtype))
     return i0, i1, 1.0 - w1, w1
 
 
@@ -72,12 +64,8 @@ def _upsampled(raw, low_lo, low_den, pixel, valid, in_h, in_w, out_h, out_w, F64
     """up(mm(relu(raw))) at output pixels ``pixel``: columns blended first, then rows."""
     y = pixel // out_w
     x = pixel % out_w
-    if F64:
-        y0, y1, wy0, wy1 = _axis_taps_f64(y, in_h, out_h)
-        x0, x1, wx0, wx1 = _axis_taps_f64(x, in_w, out_w)
-    else:
-        y0, y1, wy0, wy1 = _axis_taps(y, in_h, out_h)
-        x0, x1, wx0, wx1 = _axis_taps(x, in_w, out_w)
+    y0, y1, wy0, wy1 = _axis_taps(y, in_h, out_h, F64)
+    x0, x1, wx0, wx1 = _axis_taps(x, in_w, out_w, F64)
     r00 = tl.load(raw + y0 * in_w + x0, mask=valid, other=0.0)
     r01 = tl.load(raw + y0 * in_w + x1, mask=valid, other=0.0)
     r10 = tl.load(raw + y1 * in_w + x0, mask=valid, other=0.0)

@@ -118,23 +118,21 @@ def _blocks(t: Tensor) -> tuple[int, int]:
     return _INTERPRETER_BLOCK if t.device.type == "cpu" else _GPU_BLOCK
 
 
-def layercam(gradient: Tensor, activation: Tensor) -> Tensor:
-    r"""Layer-CAM raw map :math:`\mathrm{ReLU}(\sum_k \mathrm{ReLU}(g_k) A_k)`.
-
-    ``(N, C, h, w)`` twice -> ``(N, h, w)``.
-    """
-    _check_inputs(gradient, activation)
+def _launch_over_pixels(
+    kernel, pointers: tuple[Tensor, ...], gradient: Tensor, activation: Tensor, split: bool
+) -> None:
+    """``kernel(*pointers, channels, width, pixels, blocks, *strides)`` over blocks of pixels of
+    every image; with ``split`` also over blocks of channels (grid axis 1)."""
     images, channels, height, width = gradient.shape
-    out = gradient.new_empty((images, height, width))
-    if out.numel() == 0:
-        return out
     block_c, block_p = _blocks(gradient)
     block_p = min(block_p, triton.next_power_of_2(height * width))
     blocks = triton.cdiv(height * width, block_p)
-    launch(_layercam_forward_kernel)[(images * blocks,)](
-        gradient,
-        activation,
-        out,
+    grid: tuple[int, ...] = (images * blocks,)
+    if split:
+        block_c = min(block_c, triton.next_power_of_2(channels))
+        grid = (images * blocks, triton.cdiv(channels, block_c))
+    launch(kernel)[grid](
+        *pointers,
         channels,
         width,
         height * width,
@@ -144,6 +142,19 @@ def layercam(gradient: Tensor, activation: Tensor) -> Tensor:
         BLOCK_C=block_c,
         BLOCK_P=block_p,
     )
+
+
+def layercam(gradient: Tensor, activation: Tensor) -> Tensor:
+    r"""Layer-CAM raw map :math:`\mathrm{ReLU}(\sum_k \mathrm{ReLU}(g_k) A_k)`.
+
+    ``(N, C, h, w)`` twice -> ``(N, h, w)``.
+    """
+    _check_inputs(gradient, activation)
+    images, _, height, width = gradient.shape
+    out = gradient.new_empty((images, height, width))
+    if out.numel() > 0:
+        pointers = (gradient, activation, out)
+        _launch_over_pixels(_layercam_forward_kernel, pointers, gradient, activation, split=False)
     return out
 
 
@@ -152,30 +163,10 @@ def layercam_backward(
 ) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`layercam` with respect to ``gradient`` and ``activation``."""
     _check_inputs(gradient, activation)
-    images, channels, height, width = gradient.shape
     grad_gradient = gradient.new_empty(gradient.shape)
     grad_activation = gradient.new_empty(gradient.shape)
-    if grad_gradient.numel() == 0:
-        return grad_gradient, grad_activation
-    block_c, block_p = _blocks(gradient)
-    block_p = min(block_p, triton.next_power_of_2(height * width))
-    block_c = min(block_c, triton.next_power_of_2(channels))
-    blocks = triton.cdiv(height * width, block_p)
-    grid = (images * blocks, triton.cdiv(channels, block_c))  # axis 1: channel blocks
-    launch(_layercam_backward_kernel)[grid](
-        grad_map.contiguous(),
-        map.contiguous(),
-        gradient,
-        activation,
-        grad_gradient,
-        grad_activation,
-        channels,
-        width,
-        height * width,
-        blocks,
-        *gradient.stride(),
-        *activation.stride(),
-        BLOCK_C=block_c,
-        BLOCK_P=block_p,
-    )
+    if grad_gradient.numel() > 0:
+        upstream = (grad_map.contiguous(), map.contiguous(), gradient, activation)
+        pointers = (*upstream, grad_gradient, grad_activation)
+        _launch_over_pixels(_layercam_backward_kernel, pointers, gradient, activation, split=True)
     return grad_gradient, grad_activation

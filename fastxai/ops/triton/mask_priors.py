@@ -167,17 +167,14 @@ def _tiles(p: Tensor) -> tuple[int, int, int]:
     return block_h, block_w, tiles
 
 
-def mask_priors(p: Tensor, neighbours: int = 4) -> Tensor:
-    """Per-sample ``[area, binarisation, tv]`` ``(N, 3)`` of masks ``p`` ``(N, C, H, W)``."""
-    _check_inputs(p, neighbours)
+def _launch_per_tile(kernel, p: Tensor, outputs: tuple[Tensor, ...], neighbours: int) -> None:
+    """``kernel(p, *outputs, channels, height, width, tiles, *strides)``, one program per tile
+    of every ``(H, W)`` plane."""
     samples, channels, height, width = p.shape
-    if samples == 0:
-        return p.new_empty((0, 3))
     block_h, block_w, tiles = _tiles(p)
-    partial = p.new_empty((samples * channels, tiles, _PARTIAL_SUMS))
-    launch(_mask_priors_forward_kernel)[(samples * channels * tiles,)](
+    launch(kernel)[(samples * channels * tiles,)](
         p,
-        partial,
+        *outputs,
         channels,
         height,
         width,
@@ -187,6 +184,17 @@ def mask_priors(p: Tensor, neighbours: int = 4) -> Tensor:
         BLOCK_H=block_h,
         BLOCK_W=block_w,
     )
+
+
+def mask_priors(p: Tensor, neighbours: int = 4) -> Tensor:
+    """Per-sample ``[area, binarisation, tv]`` ``(N, 3)`` of masks ``p`` ``(N, C, H, W)``."""
+    _check_inputs(p, neighbours)
+    samples, channels = p.shape[:2]
+    if samples == 0:
+        return p.new_empty((0, 3))
+    tiles = _tiles(p)[2]
+    partial = p.new_empty((samples * channels, tiles, _PARTIAL_SUMS))
+    _launch_per_tile(_mask_priors_forward_kernel, p, (partial,), neighbours)
     sums = partial.view(samples, channels * tiles, _PARTIAL_SUMS).sum(1)
     # Python-float scales: no host-to-device copy per call (CUDA graphs can capture it).
     scales = _sum_scales(p, neighbours)
@@ -198,26 +206,12 @@ def mask_priors(p: Tensor, neighbours: int = 4) -> Tensor:
 def mask_priors_backward(grad_terms: Tensor, p: Tensor, neighbours: int) -> Tensor:
     """dL/dp of :func:`mask_priors` from ``grad_terms`` ``(N, 3)``."""
     _check_inputs(p, neighbours)
-    samples, channels, height, width = p.shape
     grad_p = p.new_empty(p.shape)
-    if samples == 0:
+    if p.shape[0] == 0:
         return grad_p
-    block_h, block_w, tiles = _tiles(p)
     # Per sample: [area, binarisation, vertical, horizontal, diagonal, anti-diagonal] factors.
     scales = _sum_scales(p, neighbours)
     upstream = [grad_terms[:, term] for term in (0, 1, 2, 2, 2, 2)]
     factors = torch.stack([g * scale for g, scale in zip(upstream, scales, strict=True)], 1)
-    launch(_mask_priors_backward_kernel)[(samples * channels * tiles,)](
-        p,
-        factors,
-        grad_p,
-        channels,
-        height,
-        width,
-        tiles,
-        *p.stride(),
-        EIGHT=neighbours == 8,
-        BLOCK_H=block_h,
-        BLOCK_W=block_w,
-    )
+    _launch_per_tile(_mask_priors_backward_kernel, p, (factors, grad_p), neighbours)
     return grad_p
